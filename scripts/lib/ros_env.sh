@@ -1,0 +1,20 @@
+# Sourced by scripts/test, scripts/demo and scripts/soak: the built package's environment,
+# with DDS kept on this host. Expects to be sourced from the repository root after setup.
+
+# shellcheck disable=SC1091
+source .venv/bin/activate
+if [ -n "${ROS_DISTRO:-}" ] && [ -f "/opt/ros/${ROS_DISTRO}/setup.bash" ]; then
+  # shellcheck disable=SC1090
+  source "/opt/ros/${ROS_DISTRO}/setup.bash"
+fi
+# setup.bash files read unset variables; relax nounset while sourcing them.
+set +u
+# shellcheck disable=SC1091
+source install/setup.bash
+set -u
+
+export RMW_IMPLEMENTATION="${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}"
+# Jazzy's replacement for ROS_LOCALHOST_ONLY: discovery never leaves this host.
+export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
+# A domain of this run's own (10..99) unless the caller chose one.
+export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-$(( $$ % 90 + 10 ))}"
