@@ -1,0 +1,400 @@
+"""Image preprocessing for CLIP / OWL-ViT / OWLv2 with torch ops, and the inverse box mapping.
+
+``Preprocessor`` turns HxWx3 uint8 RGB images (numpy or torch, CPU or GPU) into normalised
+``pixel_values`` (B, 3, S, S) on any device/dtype. Images of equal size are resized together,
+so a camera stream costs one interpolate call per frame batch. Three modes:
+
+* ``"stretch"`` (OWL-ViT v1): resize to S x S ignoring aspect, bicubic with antialiasing.
+* ``"pad"`` (OWLv2): rescale to [0, 1], pad bottom/right to a square with ``pad_value``, Gaussian
+  antialias blur (sigma = (M/S - 1) / 2, as the reference), bilinear resize to S. The pad value is
+  0.0: transformers >= 5 (PR #41938) switched from 0.5 grey to 0.0, which is what the official
+  OWLv2 code does and scores better on LVIS; set ``pad_value=0.5`` for older behaviour.
+* ``"clip"`` (CLIP classifier): resize the shortest side to ``shortest_edge`` (long side
+  truncated with ``int`` as HF does), bicubic, center crop S.
+
+The reference processors resize uint8 images, so their output sits on 1/255 steps. On CPU we
+call the same uint8 antialiased torch kernel (bit-identical); CUDA has float kernels only, so
+there the two separable passes run in float with uint8 rounding in between (see
+``_resize_like_reference``).
+
+Measured against transformers 5.24 (torch 2.14, CPU), normalised pixel units (one uint8 level
+is about 0.015), uniform-noise uint8 images (the worst case for resampling), max / mean |diff|.
+"default" is the torchvision-backed ``OwlViTImageProcessor`` / ``Owlv2ImageProcessor`` /
+``CLIPImageProcessor`` that transformers 5 returns; "PIL" is the ``*ImageProcessorPil`` class
+(PIL resize, scipy for OWLv2); "float" is our CUDA path (run on CPU) against "default":
+
+========  =========  ===================  ====================  ====================
+mode      HxW        vs default (CPU)     vs PIL                float path
+========  =========  ===================  ====================  ====================
+stretch   480x640    2.4e-7 / 7e-8        0.028 / 2.7e-5        0.029 / 5.3e-5
+stretch   300x500    2.4e-7 / 7e-8        0.030 / 1.5e-4        0.030 / 1.5e-4
+stretch   1000x200   2.4e-7 / 7e-8        0.31 / 5.2e-3         0.030 / 9.6e-5
+pad       480x640    0 / 0                0.88 / 4.4e-4         same code as CPU
+pad       300x500    0 / 0                0.87 / 5.6e-4         same code as CPU
+pad       1000x200   0 / 0                2.3e-4 / 4.1e-6       same code as CPU
+clip      480x640    2.4e-7 / 7.6e-8      0.015 / 6.1e-5        0.015 / 6.3e-5
+clip      300x500    2.4e-7 / 7.3e-8      0.015 / 7.0e-5        0.015 / 7.2e-5
+clip      1000x200   2.4e-7 / 7.0e-8      0.015 / 1.0e-4        0.015 / 1.1e-4
+========  =========  ===================  ====================  ====================
+
+The large PIL maxima are single border rows (scipy's mirror edge when OWLv2 upsamples) or
+PIL's pass order and rounding on noise; on smooth images the PIL column stays within 0.03 / 6e-4.
+
+Box inversion (``boxes_to_pixels``) equals ``post_process_object_detection`` scaled by
+``target_sizes`` (v1: the image size; v2: the padded square size) to float32 precision, then is
+clipped to the image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Mode = Literal["stretch", "pad", "clip"]
+Resample = Literal["nearest", "bilinear", "bicubic"]
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# PIL resampling codes used in preprocessor_config.json; LANCZOS(1)/BOX(4)/HAMMING(5) have no
+# torch equivalent and fall back to bicubic, the closest antialiased kernel.
+_PIL_RESAMPLE: dict[int, Resample] = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic"}
+_MODEL_MODES: dict[str, Mode] = {"owlvit": "stretch", "owlv2": "pad", "clip": "clip"}
+ImageLike = np.ndarray | torch.Tensor
+
+
+@dataclass(frozen=True)
+class PreprocessedBatch:
+    """Model input plus what ``boxes_to_pixels`` needs to map predictions back."""
+
+    pixel_values: torch.Tensor  # (B, 3, S, S)
+    image_sizes: list[tuple[int, int]]  # source (H, W) per image
+    mode: Mode
+    input_size: int
+    shortest_edge: int | None = None
+
+    def boxes_to_pixels(self, boxes: torch.Tensor, clip: bool = True) -> torch.Tensor:
+        """(B, P, 4) normalised cxcywh predictions -> (B, P, 4) xyxy source pixels."""
+        return boxes_to_pixels(
+            boxes, self.image_sizes, self.mode, input_size=self.input_size,
+            shortest_edge=self.shortest_edge, clip=clip,
+        )
+
+
+def _clip_resize_shape(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
+    """HF's shortest-edge resize: the short side becomes E, the long side int(E * long/short)."""
+    if width <= height:
+        return int(shortest_edge * height / width), shortest_edge
+    return shortest_edge, int(shortest_edge * width / height)
+
+
+def _frame(
+    image_size: tuple[int, int], mode: Mode, input_size: int | None, shortest_edge: int | None
+) -> tuple[float, float, float, float]:
+    """Affine map of the model input frame: source_px = normalised * scale + offset, per axis."""
+    height, width = image_size
+    if mode == "stretch":
+        return float(width), float(height), 0.0, 0.0
+    if mode == "pad":
+        side = float(max(height, width))
+        return side, side, 0.0, 0.0
+    if mode == "clip":
+        if input_size is None:
+            raise ValueError("mode 'clip' needs input_size (the crop side)")
+        edge = shortest_edge or input_size
+        new_h, new_w = _clip_resize_shape(height, width, edge)
+        top, left = int((new_h - input_size) / 2.0), int((new_w - input_size) / 2.0)
+        sx, sy = width / new_w, height / new_h  # resized px -> source px
+        return input_size * sx, input_size * sy, left * sx, top * sy
+    raise ValueError(f"unknown mode {mode!r}; expected 'stretch', 'pad' or 'clip'")
+
+
+def _frame_tensor(
+    boxes: torch.Tensor,
+    image_size: tuple[int, int] | Sequence[tuple[int, int]],
+    mode: Mode,
+    input_size: int | None,
+    shortest_edge: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale, offset, upper) as (..., 1, 4) tensors broadcasting against ``boxes`` (..., 4)."""
+    single = isinstance(image_size[0], (int, np.integer))
+    sizes = [image_size] if single else list(image_size)
+    if len(sizes) > 1 and (boxes.dim() != 3 or boxes.shape[0] != len(sizes)):
+        raise ValueError(f"{len(sizes)} image sizes need boxes shaped (B={len(sizes)}, P, 4)")
+    rows = []
+    for h, w in sizes:
+        sx, sy, ox, oy = _frame((int(h), int(w)), mode, input_size, shortest_edge)
+        rows.append([[sx, sy, sx, sy], [ox, oy, ox, oy], [w, h, w, h]])
+    table = torch.tensor(rows, dtype=boxes.dtype, device=boxes.device)  # (B, 3, 4)
+    if boxes.dim() == 3:
+        scale, offset, upper = table.unsqueeze(2).unbind(1)  # each (B, 1, 4)
+    else:
+        scale, offset, upper = table[0].unbind(0)  # each (4,)
+    return scale, offset, upper
+
+
+def boxes_to_pixels(
+    boxes: torch.Tensor,
+    image_size: tuple[int, int] | Sequence[tuple[int, int]],
+    mode: Mode,
+    *,
+    input_size: int | None = None,
+    shortest_edge: int | None = None,
+    clip: bool = True,
+) -> torch.Tensor:
+    """Normalised cxcywh boxes (N, 4) or (B, P, 4) -> xyxy pixels in the source image(s).
+
+    ``image_size`` is the source (H, W), or one (H, W) per batch row for (B, P, 4) boxes.
+    stretch scales x by W and y by H; pad scales both by max(H, W) (the padded square, as
+    OWLv2's post-processing with padded ``target_sizes``); results are clipped to the image.
+    """
+    if boxes.shape[-1] != 4 or boxes.dim() not in (2, 3):
+        raise ValueError(f"boxes must be (N, 4) or (B, P, 4), got {tuple(boxes.shape)}")
+    if not boxes.is_floating_point():
+        boxes = boxes.float()
+    scale, offset, upper = _frame_tensor(boxes, image_size, mode, input_size, shortest_edge)
+    cx, cy, w, h = boxes.unbind(-1)
+    # Same arithmetic order as transformers' center_to_corners_format then * target size, so
+    # stretch/pad results are bit-identical to its post-processing.
+    corners = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+    pixels = corners * scale
+    if mode == "clip":
+        pixels = pixels + offset
+    if clip:
+        pixels = torch.minimum(pixels.clamp(min=0), upper)
+    return pixels
+
+
+def pixels_to_input_boxes(
+    boxes_xyxy: torch.Tensor | Sequence[float] | Sequence[Sequence[float]],
+    image_size: tuple[int, int],
+    mode: Mode,
+    *,
+    input_size: int | None = None,
+    shortest_edge: int | None = None,
+) -> torch.Tensor:
+    """Pixel xyxy box(es) (4,) or (N, 4) in the source image -> normalised xyxy in the input.
+
+    For image-guided (exemplar) queries: the region is matched against predicted boxes, which
+    live in the model input frame (the padded square for OWLv2). Clamped to [0, 1].
+    """
+    boxes = torch.as_tensor(boxes_xyxy, dtype=torch.float32)
+    if boxes.shape[-1] != 4 or boxes.dim() not in (1, 2):
+        raise ValueError(f"boxes must be (4,) or (N, 4), got {tuple(boxes.shape)}")
+    sx, sy, ox, oy = _frame(image_size, mode, input_size, shortest_edge)
+    scale = torch.tensor([sx, sy, sx, sy], dtype=boxes.dtype, device=boxes.device)
+    offset = torch.tensor([ox, oy, ox, oy], dtype=boxes.dtype, device=boxes.device)
+    return ((boxes - offset) / scale).clamp(0.0, 1.0)
+
+
+def _to_hwc_uint8(image: object, index: int) -> torch.Tensor:
+    if isinstance(image, np.ndarray):
+        tensor = torch.from_numpy(np.ascontiguousarray(image)) if image.dtype == np.uint8 else None
+        dtype = str(image.dtype)
+    elif isinstance(image, torch.Tensor):
+        tensor = image if image.dtype == torch.uint8 else None
+        dtype = str(image.dtype)
+    else:
+        raise TypeError(f"image {index}: expected numpy array or torch tensor, got {type(image)}")
+    shape = tuple(image.shape)
+    if len(shape) != 3 or shape[2] != 3:
+        raise ValueError(
+            f"image {index}: expected HxWx3 RGB (channels last), got shape {shape}; "
+            "convert gray/RGBA/CHW images to HxWx3 first"
+        )
+    if tensor is None:
+        raise ValueError(f"image {index}: expected uint8 pixels, got {dtype}")
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"image {index}: empty image of shape {shape}")
+    return tensor
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur with reflect padding, as torchvision's gaussian_blur in OWLv2."""
+    radius = math.ceil(3.0 * sigma)
+    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.softmax(-(taps / sigma).pow(2) / 2.0, dim=0)  # normalised exp(-t^2/2s^2)
+    channels = x.shape[1]
+    x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
+
+def _resize_like_reference(
+    x: torch.Tensor, size: tuple[int, int], resample: Resample, uint8_kernel: bool | None = None
+) -> torch.Tensor:
+    """uint8 (G, 3, H, W) -> float (G, 3, h, w) holding uint8 levels 0..255.
+
+    The reference processors resize uint8 images (PIL, or torch's uint8 antialiased kernel,
+    which reproduces PIL): separable, horizontal pass then vertical, each rounded and clipped
+    to uint8. On CPU we call that same uint8 kernel (bit-identical). CUDA kernels take float
+    only, so there the two passes run in float with the same rounding between them, which
+    lands within 2 levels, mean about 1e-4 normalised units, of the reference.
+    """
+    if resample == "nearest":
+        return F.interpolate(x.float(), size=size, mode="nearest")
+    if uint8_kernel is None:
+        uint8_kernel = x.device.type == "cpu"
+    if uint8_kernel:
+        try:
+            out = F.interpolate(x, size=size, mode=resample, align_corners=False, antialias=True)
+            return out.float()
+        except (RuntimeError, NotImplementedError):
+            pass  # a torch build without the uint8 kernel: use the float emulation below
+    y = x.float()
+    for step in ((y.shape[-2], size[1]), size):  # width first, then height
+        y = F.interpolate(y, size=step, mode=resample, align_corners=False, antialias=True)
+        y = y.round_().clamp_(0.0, 255.0)
+    return y
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """Configured image preprocessing; call it on a list of HxWx3 uint8 RGB images."""
+
+    image_size: int
+    mode: Mode = "stretch"
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+    resample: Resample | None = None  # None: bicubic for stretch/clip, bilinear for pad
+    shortest_edge: int | None = None  # clip mode: short side before the crop (default S)
+    pad_value: float = 0.0  # pad mode, in [0, 1] units
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("stretch", "pad", "clip"):
+            raise ValueError(f"unknown mode {self.mode!r}; expected 'stretch', 'pad' or 'clip'")
+        if self.image_size < 1 or (self.shortest_edge or self.image_size) < self.image_size:
+            raise ValueError("image_size must be >= 1 and shortest_edge >= image_size")
+
+    @classmethod
+    def for_model(cls, model_type: str, image_size: int) -> Preprocessor:
+        """Defaults of the reference processor for ``config.json``'s ``model_type``."""
+        if model_type not in _MODEL_MODES:
+            raise ValueError(f"no preprocessing defaults for model_type {model_type!r}")
+        return cls(image_size=image_size, mode=_MODEL_MODES[model_type])
+
+    @classmethod
+    def from_config(cls, config: dict) -> Preprocessor:
+        """Build from a Hugging Face ``preprocessor_config.json`` (old and new size formats)."""
+        kind = str(config.get("image_processor_type") or config.get("feature_extractor_type"))
+        if "owlv2" in kind.lower() or config.get("do_pad"):
+            mode: Mode = "pad"
+        elif config.get("do_center_crop"):
+            mode = "clip"
+        else:
+            mode = "stretch"
+        size = config.get("size", 768)
+        if isinstance(size, dict):
+            if size.get("height", 0) != size.get("width", 0):
+                raise ValueError(f"only square model inputs are supported, got size {size}")
+            size = size.get("shortest_edge") or size.get("height")
+        crop = config.get("crop_size") or size
+        if isinstance(crop, dict):
+            crop = crop.get("height")
+        mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+        if config.get("do_normalize", True):
+            mean = tuple(config.get("image_mean", mean))  # type: ignore[assignment]
+            std = tuple(config.get("image_std", std))  # type: ignore[assignment]
+        else:
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        resample = config.get("resample")
+        return cls(
+            image_size=int(crop if mode == "clip" else size),
+            mode=mode,
+            mean=mean,
+            std=std,
+            resample=_PIL_RESAMPLE.get(resample, "bicubic") if resample is not None else None,
+            shortest_edge=int(size) if mode == "clip" else None,
+        )
+
+    # ------------------------------------------------------------------ resizing
+    @property
+    def resample_mode(self) -> Resample:
+        """The interpolation actually used (the reference's default when unset)."""
+        return self.resample or ("bilinear" if self.mode == "pad" else "bicubic")
+
+    def _process_group(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (G, 3, H, W) -> float (G, 3, S, S) in [0, 1], before normalisation."""
+        s = self.image_size
+        height, width = x.shape[-2:]
+        if self.mode == "stretch":
+            return _resize_like_reference(x, (s, s), self.resample_mode).div_(255.0)
+        if self.mode == "clip":
+            new_h, new_w = _clip_resize_shape(height, width, self.shortest_edge or s)
+            resized = _resize_like_reference(x, (new_h, new_w), self.resample_mode)
+            top, left = int((new_h - s) / 2.0), int((new_w - s) / 2.0)
+            return resized[:, :, top : top + s, left : left + s].div(255.0)  # (G, 3, S, S)
+        # pad (OWLv2): float [0, 1], pad to the square, Gaussian prefilter, plain bilinear
+        # (interpolate's own antialias off), exactly the order of the reference.
+        side = max(height, width)
+        padded = torch.full(
+            (x.shape[0], 3, side, side), self.pad_value, dtype=torch.float32, device=x.device
+        )  # (G, 3, M, M)
+        padded[:, :, :height, :width] = x.float() * (1.0 / 255.0)
+        sigma = max(0.0, (side / s - 1.0) / 2.0)
+        if sigma > 0:
+            padded = _gaussian_blur(padded, sigma)
+        if side == s:
+            return padded
+        mode = self.resample_mode
+        align = None if mode == "nearest" else False
+        return F.interpolate(padded, size=(s, s), mode=mode, align_corners=align)
+
+    def __call__(
+        self,
+        images: Sequence[ImageLike] | ImageLike,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> PreprocessedBatch:
+        """HxWx3 uint8 RGB images (a list, one image, or a (B, H, W, 3) batch) -> model input.
+
+        ``device`` defaults to the first image's device. Work is done in float32 on ``device``
+        and the result is cast to ``dtype``.
+        """
+        if isinstance(images, (np.ndarray, torch.Tensor)):
+            # A (B, H, W, 3) batch is split; anything else is one image (validated below).
+            images = list(images) if images.ndim == 4 else [images]
+        if len(images) == 0:
+            raise ValueError("no images to preprocess")
+        tensors = [_to_hwc_uint8(img, i) for i, img in enumerate(images)]
+        target = torch.device(device) if device is not None else tensors[0].device
+        s = self.image_size
+        out = torch.empty((len(tensors), 3, s, s), device=target, dtype=dtype)  # (B, 3, S, S)
+        mean = torch.tensor(self.mean, device=target).view(1, 3, 1, 1)  # (1, 3, 1, 1)
+        std = torch.tensor(self.std, device=target).view(1, 3, 1, 1)  # (1, 3, 1, 1)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, t in enumerate(tensors):
+            groups.setdefault((t.shape[0], t.shape[1]), []).append(i)
+        for indices in groups.values():
+            # Move uint8 (4x fewer bytes than float) and convert on the target device.
+            stack = torch.stack([tensors[i].to(target) for i in indices])  # (G, H, W, 3)
+            x = stack.permute(0, 3, 1, 2)  # (G, 3, H, W), channels-last strides
+            x = (self._process_group(x) - mean) / std  # (G, 3, S, S)
+            out[torch.tensor(indices, device=target)] = x.to(dtype)
+        return PreprocessedBatch(
+            pixel_values=out,
+            image_sizes=[(int(t.shape[0]), int(t.shape[1])) for t in tensors],
+            mode=self.mode,
+            input_size=s,
+            shortest_edge=self.shortest_edge if self.mode == "clip" else None,
+        )
+
+
+def load_preprocessor(path: str | Path) -> Preprocessor:
+    """From a checkpoint folder: ``preprocessor_config.json``, else ``config.json`` facts."""
+    folder = Path(path)
+    config_file = folder / "preprocessor_config.json"
+    if config_file.is_file():
+        return Preprocessor.from_config(json.loads(config_file.read_text(encoding="utf-8")))
+    model_file = folder / "config.json"
+    if not model_file.is_file():
+        raise FileNotFoundError(f"{folder}: neither preprocessor_config.json nor config.json")
+    config = json.loads(model_file.read_text(encoding="utf-8"))
+    vision = config.get("vision_config") or {}
+    return Preprocessor.for_model(str(config.get("model_type")), int(vision.get("image_size")))
