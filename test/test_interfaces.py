@@ -5,8 +5,7 @@ import pytest
 rclpy_serialization = pytest.importorskip(
     "rclpy.serialization", reason="needs the built package (scripts/test builds it)")
 
-from clip_perception.msg import (  # noqa: E402
-    Classification, Detection, DetectionArray, Vocabulary)
+from clip_perception.msg import Classification, Detection, DetectionArray, Vocabulary  # noqa: E402
 from clip_perception.srv import SetImageQuery, SetQueries  # noqa: E402
 
 

@@ -2,12 +2,13 @@
 `peer/detections` until stopped and serves `peer/set_queries`, answering with the queries it
 was sent, a version equal to their count, and success=false for an empty request."""
 
-import rclpy
-from rclpy.executors import ExternalShutdownException
-from rclpy.qos import QoSProfile, ReliabilityPolicy
+import contextlib
 
+import rclpy
 from clip_perception.msg import Detection, DetectionArray
 from clip_perception.srv import SetQueries
+from rclpy.executors import ExternalShutdownException
+from rclpy.qos import QoSProfile, ReliabilityPolicy
 
 
 def handle_set_queries(request: SetQueries.Request,
@@ -36,10 +37,8 @@ def main() -> None:
         publisher.publish(msg)
 
     node.create_timer(0.05, publish)
-    try:
+    with contextlib.suppress(KeyboardInterrupt, ExternalShutdownException):
         rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
 
 
 if __name__ == "__main__":
