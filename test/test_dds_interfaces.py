@@ -2,13 +2,12 @@
 
 import time
 
-import pytest
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.qos import QoSProfile, ReliabilityPolicy
 
-rclpy = pytest.importorskip("rclpy", reason="needs ROS 2 (scripts/test provides it)")
-from clip_perception.msg import DetectionArray  # noqa: E402
-from clip_perception.srv import SetQueries  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
-from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from clip_perception.msg import DetectionArray
+from clip_perception.srv import SetQueries
 
 
 def spin_until(executor, predicate, timeout: float) -> bool:

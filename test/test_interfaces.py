@@ -1,12 +1,10 @@
 """The generated interfaces import and survive CDR serialisation with every field intact."""
 
 import pytest
+from rclpy import serialization as rclpy_serialization
 
-rclpy_serialization = pytest.importorskip(
-    "rclpy.serialization", reason="needs the built package (scripts/test builds it)")
-
-from clip_perception.msg import Classification, Detection, DetectionArray, Vocabulary  # noqa: E402
-from clip_perception.srv import SetImageQuery, SetQueries  # noqa: E402
+from clip_perception.msg import Classification, Detection, DetectionArray, Vocabulary
+from clip_perception.srv import SetImageQuery, SetQueries
 
 
 def make_detection_array() -> DetectionArray:

@@ -40,6 +40,7 @@ from clip_perception.ros.diagnostics import EngineFigures, diagnostic_array
 from clip_perception.ros.frame_slots import FrameSlots, TakenFrame
 from clip_perception.ros.image_conversion import ImageConversionError
 from clip_perception.ros.stats import RollingWindow
+from clip_perception.srv import SetQueries
 from clip_perception.vocabulary import (
     NoVocabularyError,
     Vocabulary,
@@ -129,7 +130,6 @@ class PerceptionNode(Node):
         self.templates_in_effect: list[str] = []
         self._vocabulary_lock = threading.Lock()  # orders ~/vocabulary publications
 
-        self.engine_group = MutuallyExclusiveCallbackGroup()
         self.control_group = ReentrantCallbackGroup()
         topics = self.settings["image_topics"]
         self.slots: FrameSlots[Any] = FrameSlots(len(topics))
@@ -143,6 +143,8 @@ class PerceptionNode(Node):
                                                     VOCABULARY_QOS)
         self.create_subscription(String, "~/queries", self._on_queries_topic, 10,
                                  callback_group=self.control_group)
+        self.create_service(SetQueries, "~/set_queries", self._on_set_queries,
+                            callback_group=self.control_group)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(1.0, self._publish_diagnostics,
                           callback_group=MutuallyExclusiveCallbackGroup())
@@ -265,6 +267,21 @@ class PerceptionNode(Node):
             f"vocabulary v{vocabulary.version}: {len(vocabulary)} queries"
             + (f" ({warnings})" if warnings else ""))
 
+    def _on_set_queries(self, request: SetQueries.Request,
+                        response: SetQueries.Response) -> SetQueries.Response:
+        try:
+            outcome = self.change_vocabulary(
+                list(request.queries), list(request.thresholds) or None,
+                list(request.templates) or self.settings["templates"], wait=True)
+        except Exception as error:  # never let a request kill the service; report it
+            self.get_logger().error(f"set_queries failed: {traceback.format_exc()}")
+            outcome = self._outcome(False, f"internal error: {error}")
+        response.success = outcome.success
+        response.message = outcome.message
+        response.vocabulary_version = outcome.version
+        response.active_queries = outcome.active
+        return response
+
     def _on_queries_topic(self, msg: String) -> None:
         queries = split_queries(msg.data)
         outcome = self.change_vocabulary(queries, None, self.settings["templates"],
@@ -346,10 +363,12 @@ class PerceptionNode(Node):
             figures))
 
     def close(self) -> None:
-        """Stop the worker (it finishes the batch in flight) before the node is destroyed."""
+        """Stop the worker (it finishes the batch in flight) and the engine's vocabulary
+        worker before the node is destroyed."""
         self._stop.set()
         self.slots.close()
         self._worker.join(timeout=5.0)
+        self.engine.close()
 
 
 def run(make_node: Callable[[], PerceptionNode], name: str, args: list[str] | None = None) -> int:
