@@ -39,6 +39,12 @@ class Detections:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def center_size(self) -> np.ndarray:
+        """(N, 4) float64 boxes as centre x, centre y, width, height (the message layout)."""
+        boxes = self.boxes.astype(np.float64)  # (N, 4) xyxy
+        return np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2,
+                               boxes[:, 2:] - boxes[:, :2]], axis=1)  # (N, 4)
+
 
 @dataclass(frozen=True)
 class Classification:

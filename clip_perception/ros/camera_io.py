@@ -15,8 +15,8 @@ from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
+from clip_perception.image_messages import compressed_to_rgb, image_to_rgb
 from clip_perception.ros.frame_slots import FrameSlots
-from clip_perception.ros.image_conversion import compressed_to_rgb, image_to_rgb
 from clip_perception.ros.stats import RollingWindow
 
 RELIABILITY = {"best_effort": ReliabilityPolicy.BEST_EFFORT,

@@ -20,12 +20,12 @@ from sensor_msgs.msg import Image
 from clip_perception.annotate import draw_detections
 from clip_perception.detections import Detections
 from clip_perception.detector import OpenVocabDetector, load_detector
+from clip_perception.image_messages import ImageConversionError, image_to_rgb
 from clip_perception.model import CheckpointError
 from clip_perception.msg import DetectionArray
 from clip_perception.ros import messages
 from clip_perception.ros import params as P
 from clip_perception.ros.camera_io import Camera
-from clip_perception.ros.image_conversion import ImageConversionError, image_to_rgb
 from clip_perception.ros.perception_node import (
     Frame,
     PerceptionNode,
@@ -33,7 +33,7 @@ from clip_perception.ros.perception_node import (
     bundled_model,
     run,
 )
-from clip_perception.srv import SetImageQuery, SetQueries
+from clip_perception.srv import SetImageQuery
 from clip_perception.vocabulary import Vocabulary, VocabularyError
 
 ENGINE_SETTINGS = ("score_threshold", "nms_iou", "class_agnostic_nms", "max_detections")
@@ -71,8 +71,6 @@ class DetectorNode(PerceptionNode):
         self.outputs: dict[int, DetectorOutputs] = {}
         self.engine: OpenVocabDetector | None = None
         super().__init__("clip_detector", SPECS)
-        self.create_service(SetQueries, "~/set_queries", self._on_set_queries,
-                            callback_group=self.control_group)
         self.create_service(SetImageQuery, "~/set_image_query", self._on_set_image_query,
                             callback_group=self.control_group)
 
@@ -132,21 +130,6 @@ class DetectorNode(PerceptionNode):
             outputs.annotated.publish(messages.to_image(drawn, frame.header))
 
     # --------------------------------------------------------------- services
-    def _on_set_queries(self, request: SetQueries.Request,
-                        response: SetQueries.Response) -> SetQueries.Response:
-        try:
-            outcome = self.change_vocabulary(
-                list(request.queries), list(request.thresholds) or None,
-                list(request.templates) or self.settings["templates"], wait=True)
-        except Exception as error:  # never let a request kill the service; report it
-            self.get_logger().error(f"set_queries failed: {traceback.format_exc()}")
-            outcome = self._outcome(False, f"internal error: {error}")
-        response.success = outcome.success
-        response.message = outcome.message
-        response.vocabulary_version = outcome.version
-        response.active_queries = outcome.active
-        return response
-
     def _on_set_image_query(self, request: SetImageQuery.Request,
                             response: SetImageQuery.Response) -> SetImageQuery.Response:
         try:

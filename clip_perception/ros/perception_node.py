@@ -33,12 +33,12 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.time import Time
 from std_msgs.msg import Header, String
 
+from clip_perception.image_messages import ImageConversionError
 from clip_perception.msg import Vocabulary as VocabularyMsg
 from clip_perception.ros import params as P
 from clip_perception.ros.camera_io import Camera, decode, subscribe_cameras
 from clip_perception.ros.diagnostics import EngineFigures, diagnostic_array
 from clip_perception.ros.frame_slots import FrameSlots, TakenFrame
-from clip_perception.ros.image_conversion import ImageConversionError
 from clip_perception.ros.stats import RollingWindow
 from clip_perception.srv import SetQueries
 from clip_perception.vocabulary import (

@@ -5,10 +5,11 @@ was sent, a version equal to their count, and success=false for an empty request
 import contextlib
 
 import rclpy
-from clip_perception.msg import Detection, DetectionArray
-from clip_perception.srv import SetQueries
 from rclpy.executors import ExternalShutdownException
 from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+from clip_perception.msg import Detection, DetectionArray
+from clip_perception.srv import SetQueries
 
 
 def handle_set_queries(request: SetQueries.Request,
