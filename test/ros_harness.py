@@ -124,3 +124,18 @@ def ros_image(bag_msg: Any) -> Any:
     return Image(header=header, height=bag_msg.height, width=bag_msg.width,
                  encoding=bag_msg.encoding, is_bigendian=bag_msg.is_bigendian,
                  step=bag_msg.step, data=bytes(bag_msg.data))
+
+
+def publish_until(publisher: Any, msg: Any, predicate: Callable[[], bool], timeout: float,
+                  what: str, node: NodeProcess | None = None, every: float = 0.5) -> None:
+    """Publish ``msg`` and again every ``every`` s until ``predicate`` holds: best-effort
+    delivery may lose a message while discovery is still matching the two endpoints."""
+    last = [0.0]
+
+    def attempt() -> bool:
+        if time.monotonic() - last[0] >= every:
+            publisher.publish(msg)
+            last[0] = time.monotonic()
+        return predicate()
+
+    wait_for(attempt, timeout, what, node)

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,9 +194,18 @@ def pixels_to_input_boxes(
     return ((boxes - offset) / scale).clamp(0.0, 1.0)
 
 
+def _from_numpy(image: np.ndarray) -> torch.Tensor:
+    """Zero-copy tensor of a uint8 array. Camera frames are often read-only views of message
+    buffers; torch warns about those, but the tensor here is only read (resizing makes a new
+    one), so the warning is silenced instead of paying for a copy."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(image))
+
+
 def _to_hwc_uint8(image: object, index: int) -> torch.Tensor:
     if isinstance(image, np.ndarray):
-        tensor = torch.from_numpy(np.ascontiguousarray(image)) if image.dtype == np.uint8 else None
+        tensor = _from_numpy(image) if image.dtype == np.uint8 else None
         dtype = str(image.dtype)
     elif isinstance(image, torch.Tensor):
         tensor = image if image.dtype == torch.uint8 else None

@@ -32,6 +32,7 @@ class Camera:
     compressed: bool
     incompatible_qos: int = 0  # publishers we cannot hear because of their QoS
     bad_frames: int = 0  # messages that could not be decoded
+    annotated: int = 0  # annotated images published (drawn only while subscribed)
     received: RollingWindow = field(default_factory=RollingWindow)
     processed: RollingWindow = field(default_factory=RollingWindow)
     latency_ms: RollingWindow = field(default_factory=RollingWindow)

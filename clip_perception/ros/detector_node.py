@@ -128,6 +128,7 @@ class DetectorNode(PerceptionNode):
             drawn = draw_detections(frame.rgb, result.boxes, result.labels, result.scores,
                                     result.query_indices)
             outputs.annotated.publish(messages.to_image(drawn, frame.header))
+            frame.camera.annotated += 1
 
     # --------------------------------------------------------------- services
     def _on_set_image_query(self, request: SetImageQuery.Request,

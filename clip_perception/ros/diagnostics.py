@@ -58,6 +58,7 @@ def camera_status(node_name: str, camera: Camera, slots: FrameSlots) -> Diagnost
             frames_dropped_latest_only=counters.dropped,
             frames_malformed=camera.bad_frames,
             incompatible_qos_publishers=camera.incompatible_qos,
+            annotated_images_published=camera.annotated,
             latency_ms_p50=_fmt(p50), latency_ms_p95=_fmt(p95)))
 
 
