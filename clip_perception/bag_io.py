@@ -113,8 +113,11 @@ class BagWriter:
 
     def write(self, topic: str, msgtype: str, timestamp_ns: int, msg: Any) -> None:
         """Write a message object of this writer's typestore."""
-        self._writer.write(self._connection(topic, msgtype), timestamp_ns,
-                           self.store.serialize_cdr(msg, msgtype))
+        self.write_cdr(topic, msgtype, timestamp_ns, self.store.serialize_cdr(msg, msgtype))
+
+    def write_cdr(self, topic: str, msgtype: str, timestamp_ns: int, data: bytes) -> None:
+        """Write an already serialised message (e.g. rclpy's ``serialize_message``)."""
+        self._writer.write(self._connection(topic, msgtype), timestamp_ns, data)
 
     def header(self, sec: int, nanosec: int, frame_id: str) -> Any:
         types = self.store.types
@@ -132,6 +135,13 @@ class BagWriter:
             header=header, height=height, width=width, encoding=encoding, is_bigendian=0,
             step=width * 3, data=np.ascontiguousarray(pixels).reshape(-1))  # (H*W*3,)
         self.write(topic, IMAGE, timestamp_ns, msg)
+
+    def write_compressed(self, topic: str, timestamp_ns: int, header: Any, data: bytes,
+                         fmt: str = "jpeg") -> None:
+        """Encoded image bytes as sensor_msgs/CompressedImage (``fmt``: jpeg or png)."""
+        msg = self.store.types[COMPRESSED](
+            header=header, format=fmt, data=np.frombuffer(data, dtype=np.uint8))
+        self.write(topic, COMPRESSED, timestamp_ns, msg)
 
     def write_detections(self, topic: str, timestamp_ns: int, header: Any,
                          result: Detections) -> None:
