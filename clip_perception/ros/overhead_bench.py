@@ -7,7 +7,8 @@ Method: the engine time is the median of ``detect`` on the same frames in this p
 (batch = number of cameras), measured before the node starts so the two never compete for
 the CPU; then the installed detector_node runs with the same model, and each round publishes
 one frame per camera and waits for every camera's detections (reliable QoS, so no frame is
-lost on loopback). Overhead = median latency - median engine time. The last line printed is one JSON object with every figure.
+lost on loopback). Overhead = median latency - median engine time. The last line printed
+is one JSON object with every figure.
 """
 
 from __future__ import annotations
