@@ -14,11 +14,13 @@ from rclpy.event_handler import QoSRequestedIncompatibleQoSInfo, SubscriptionEve
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Header
 
 from clip_perception.image_messages import compressed_to_rgb, image_to_rgb
 from clip_perception.ros.frame_slots import FrameSlots
 from clip_perception.ros.stats import RollingWindow
 
+UNNUMBERED = 2**63  # RMW_MESSAGE_INFO_SEQUENCE_NUMBER_UNSUPPORTED is 2^64 - 1
 RELIABILITY = {"best_effort": ReliabilityPolicy.BEST_EFFORT,
                "reliable": ReliabilityPolicy.RELIABLE}
 
@@ -32,6 +34,8 @@ class Camera:
     compressed: bool
     incompatible_qos: int = 0  # publishers we cannot hear because of their QoS
     bad_frames: int = 0  # messages that could not be decoded
+    failed: int = 0  # frames lost to a failed inference (or taken before any vocabulary)
+    published: int = 0  # frames whose results were published
     annotated: int = 0  # annotated images published (drawn only while subscribed)
     received: RollingWindow = field(default_factory=RollingWindow)
     processed: RollingWindow = field(default_factory=RollingWindow)
@@ -44,6 +48,16 @@ class Camera:
     def output(self, suffix: str) -> str:
         """Output topics hang off the camera topic: <topic>/detections, ..."""
         return f"{self.topic}/{suffix}"
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A decoded frame ready for the engine."""
+
+    camera: Camera
+    header: Header
+    rgb: np.ndarray  # (H, W, 3) uint8
+    received_at: float
 
 
 def decode(msg: Image | CompressedImage) -> np.ndarray:
@@ -67,9 +81,12 @@ def subscribe_cameras(node: Node, topics: list[str], compressed: bool, reliabili
         camera = Camera(index=index, topic=node.resolve_topic_name(topic),
                         compressed=compressed)
 
-        def on_frame(msg, camera=camera) -> None:
+        def on_frame(msg, info: dict, camera=camera) -> None:
             camera.received.add()
-            slots.put(camera.index, msg)
+            sequence = info.get("publication_sequence_number")
+            # Middlewares that do not number samples report None or the all-ones sentinel.
+            slots.put(camera.index, msg, sequence if sequence is not None and (
+                sequence < UNNUMBERED) else None)
 
         def on_incompatible(event: QoSRequestedIncompatibleQoSInfo,
                             camera=camera) -> None:

@@ -18,15 +18,9 @@ from clip_perception.model import CheckpointError
 from clip_perception.msg import Classification
 from clip_perception.ros import messages
 from clip_perception.ros import params as P
-from clip_perception.ros.camera_io import Camera
+from clip_perception.ros.camera_io import Camera, Frame
 from clip_perception.ros.detector_node import RESULTS_QOS
-from clip_perception.ros.perception_node import (
-    Frame,
-    PerceptionNode,
-    StartupError,
-    bundled_model,
-    run,
-)
+from clip_perception.ros.perception_node import PerceptionNode, StartupError, model_folder, run
 from clip_perception.vocabulary import Vocabulary, VocabularyError
 
 SPECS = P.camera_node_specs(
@@ -43,7 +37,7 @@ class ClassifierNode(PerceptionNode):
         super().__init__("clip_classifier", SPECS)
 
     def load_engine(self) -> None:
-        model = self.settings["model"] or bundled_model("synthetic-clip")
+        model = model_folder(self.settings["model"], "synthetic-clip")
         try:
             self.engine = load_classifier(model, device=self.settings["device"],
                                           precision=self.settings["precision"])

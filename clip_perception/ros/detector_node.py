@@ -25,14 +25,8 @@ from clip_perception.model import CheckpointError
 from clip_perception.msg import DetectionArray
 from clip_perception.ros import messages
 from clip_perception.ros import params as P
-from clip_perception.ros.camera_io import Camera
-from clip_perception.ros.perception_node import (
-    Frame,
-    PerceptionNode,
-    StartupError,
-    bundled_model,
-    run,
-)
+from clip_perception.ros.camera_io import Camera, Frame
+from clip_perception.ros.perception_node import PerceptionNode, StartupError, model_folder, run
 from clip_perception.srv import SetImageQuery
 from clip_perception.vocabulary import Vocabulary, VocabularyError
 
@@ -76,7 +70,7 @@ class DetectorNode(PerceptionNode):
 
     # --------------------------------------------------------------- engine
     def load_engine(self) -> None:
-        model = self.settings["model"] or bundled_model("synthetic-owl")
+        model = model_folder(self.settings["model"], "synthetic-owl")
         try:
             self.engine = load_detector(
                 model, device=self.settings["device"], precision=self.settings["precision"],
@@ -137,7 +131,7 @@ class DetectorNode(PerceptionNode):
             outcome = self._add_image_query(request)
         except Exception as error:  # never let a request kill the service; report it
             self.get_logger().error(f"set_image_query failed: {traceback.format_exc()}")
-            outcome = self._outcome(False, f"internal error: {error}")
+            outcome = self.outcome(False, f"internal error: {error}")
         response.success = outcome.success
         response.message = outcome.message
         response.vocabulary_version = outcome.version
@@ -147,21 +141,22 @@ class DetectorNode(PerceptionNode):
         try:
             image = image_to_rgb(request.image)
         except ImageConversionError as error:
-            return self._outcome(False, f"exemplar image rejected: {error}")
+            return self.outcome(False, f"exemplar image rejected: {error}")
         corners = (request.x_min, request.y_min, request.x_max, request.y_max)
         box = None if not any(corners) else corners
         try:
-            future = self.engine.add_image_query_async(request.label, image, box=box,
-                                                       append=request.append)
+            future = self.submit_and_announce(
+                lambda: self.engine.add_image_query_async(request.label, image, box=box,
+                                                          append=request.append),
+                None if request.append else [])
         except VocabularyError as error:
             self.vocabulary_rejections += 1
-            return self._outcome(False, str(error))
-        self.publish_when_done(future, None if request.append else [])
+            return self.outcome(False, str(error))
         try:
-            future.result()
+            version = future.result()
         except Exception as error:  # the worker's failure is reported to the caller
-            return self._outcome(False, f"embedding the exemplar failed: {error}")
-        return self._outcome(True, "ok")
+            return self.outcome(False, f"embedding the exemplar failed: {error}")
+        return self.made(version, [request.label.strip()])
 
 
 def main(args: list[str] | None = None) -> int:

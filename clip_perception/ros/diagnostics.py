@@ -25,6 +25,7 @@ class EngineFigures:
     vocabulary_size: int
     inference_ms: RollingWindow
     failed_batches: int
+    oom_splits: int  # batches split and retried after a GPU out-of-memory error
     vocabulary_rejections: int
     note: str  # the latest noteworthy event (e.g. "waiting for a vocabulary"), or ""
 
@@ -39,24 +40,34 @@ def _pairs(**values: object) -> list[KeyValue]:
 
 
 def camera_status(node_name: str, camera: Camera, slots: FrameSlots) -> DiagnosticStatus:
+    """Every frame the camera sent is accounted for: frames_lost_before_node counts those
+    that never arrived (up to the last one received); once the node is idle, frames_received =
+    frames_dropped_latest_only + frames_malformed + frames_failed + frames_published."""
     counters = slots.counters(camera.index)
     p50, p95 = camera.latency_ms.percentiles((50, 95))
+    silent_s = camera.received.age_s()
     level, message = DiagnosticStatus.OK, "ok"
     if camera.incompatible_qos:
         level, message = DiagnosticStatus.WARN, "publisher with incompatible QoS (not heard)"
-    elif camera.bad_frames:
-        level, message = DiagnosticStatus.WARN, f"{camera.bad_frames} malformed frame(s) dropped"
     elif counters.received == 0:
         level, message = DiagnosticStatus.WARN, "no frames received yet"
+    elif silent_s > camera.received.window_s:
+        # A camera that stops is not an error of the node, but whoever watches should know.
+        level, message = DiagnosticStatus.WARN, f"no frames for {silent_s:.0f} s"
+    elif camera.bad_frames:
+        level, message = DiagnosticStatus.WARN, f"{camera.bad_frames} malformed frame(s) dropped"
     return DiagnosticStatus(
         level=level, name=f"{node_name}: camera {camera.input_topic}", message=message,
         hardware_id=camera.input_topic,
         values=_pairs(
             input_rate_hz=_fmt(camera.received.rate_hz()),
             processed_rate_hz=_fmt(camera.processed.rate_hz()),
+            frames_lost_before_node=counters.lost,
             frames_received=counters.received,
             frames_dropped_latest_only=counters.dropped,
             frames_malformed=camera.bad_frames,
+            frames_failed=camera.failed,
+            frames_published=camera.published,
             incompatible_qos_publishers=camera.incompatible_qos,
             annotated_images_published=camera.annotated,
             latency_ms_p50=_fmt(p50), latency_ms_p95=_fmt(p95)))
@@ -71,6 +82,7 @@ def engine_status(node_name: str, figures: EngineFigures) -> DiagnosticStatus:
         vocabulary_size=figures.vocabulary_size,
         inference_ms_p50=_fmt(p50), inference_ms_p95=_fmt(p95),
         failed_batches=figures.failed_batches,
+        oom_batch_splits=figures.oom_splits,
         vocabulary_rejections=figures.vocabulary_rejections)
     if figures.device.startswith("cuda") and torch.cuda.is_available():
         device = torch.device(figures.device)

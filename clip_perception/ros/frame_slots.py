@@ -3,8 +3,10 @@
 A perception node that infers slower than its cameras publish must not queue frames: the
 queue (and the latency) would grow without bound. Each camera therefore owns a depth-1 slot;
 a new frame replaces an unprocessed one, and the replaced frame is counted as dropped so the
-loss is visible in diagnostics. The worker takes the newest frame of every camera at once and
-batches them. Pure Python (no rclpy) so it is testable on its own.
+loss is visible in diagnostics. Frames that never reach the slot (replaced in the DDS queue,
+lost in transport) are counted from gaps in the publisher's sequence numbers. The worker
+takes the newest frame of every camera at once and batches them. Pure Python (no rclpy) so
+it is testable on its own.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class SlotCounters:
     received: int = 0
     dropped: int = 0  # replaced before the worker took them (latest-frame policy)
     taken: int = 0
+    lost: int = 0  # sent by the publisher but never received (gaps in its sequence numbers)
 
 
 @dataclass
@@ -39,6 +42,7 @@ class TakenFrame(Generic[Frame]):
 class _Slot(Generic[Frame]):
     frame: Frame | None = None
     received_at: float = 0.0
+    sequence: int | None = None  # the publisher's sequence number of the last frame received
     counters: SlotCounters = field(default_factory=SlotCounters)
 
 
@@ -53,10 +57,18 @@ class FrameSlots(Generic[Frame]):
         self._closed = False
         self._next_camera = 0  # round-robin start so no camera starves when batches are small
 
-    def put(self, camera: int, frame: Frame) -> None:
-        """Store the newest frame of ``camera`` (called from subscription callbacks)."""
+    def put(self, camera: int, frame: Frame, sequence: int | None = None) -> None:
+        """Store the newest frame of ``camera`` (called from subscription callbacks).
+
+        sequence: the publisher's sequence number of ``frame`` (None where the middleware
+        does not report it). A number that does not increase is a new publisher (a restarted
+        camera driver) and starts the count over; one publisher per camera is assumed.
+        """
         with self._ready:
             slot = self._slots[camera]
+            if sequence is not None and slot.sequence is not None and sequence > slot.sequence:
+                slot.counters.lost += sequence - slot.sequence - 1
+            slot.sequence = sequence
             slot.counters.received += 1
             if slot.frame is not None:
                 slot.counters.dropped += 1
@@ -91,7 +103,7 @@ class FrameSlots(Generic[Frame]):
     def counters(self, camera: int) -> SlotCounters:
         with self._ready:
             c = self._slots[camera].counters
-            return SlotCounters(c.received, c.dropped, c.taken)
+            return SlotCounters(c.received, c.dropped, c.taken, c.lost)
 
     def close(self) -> None:
         """Wake the worker for shutdown; later ``take`` calls return nothing."""

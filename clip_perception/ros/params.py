@@ -23,6 +23,17 @@ from rcl_interfaces.msg import (
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
+from clip_perception.vocabulary import VocabularyError, resolve_templates
+
+# What one vocabulary change may ask for, whatever channel it comes through. Every query is
+# encoded and scored against every patch of every frame, so these bound the encode time and
+# the per-frame logits memory (B x patches x queries). LVIS (1203 classes) with the 80 CLIP
+# prompts fits. The text context is 16 (OWL) or 77 (CLIP) tokens, so a longer text adds
+# nothing but tokenizer time, which is quadratic in the length of one word.
+MAX_QUERIES = 4096
+MAX_PROMPTS = 131072  # queries x templates
+MAX_TEXT_CHARS = 1000  # per query and per template, after stripping
+
 # Returns the reason a value is unacceptable, or None when it is fine.
 Check = Callable[[Any], str | None]
 
@@ -172,3 +183,38 @@ def camera_node_specs(vocabulary_param: str, vocabulary_description: str,
                   "most frames (the newest of each camera) batched into one inference",
                   bounds=(1, 64)),
     ]
+
+
+def split_queries(text: str) -> list[str]:
+    """``"a mug, a person"`` or one query per line -> ["a mug", "a person"]."""
+    return [q.strip() for q in text.replace("\n", ",").split(",") if q.strip()]
+
+
+def template_setting(templates: Sequence[str]) -> str | list[str] | None:
+    """Parameter/request form -> engine form: [] = query as is, ["clip7"] = a named set."""
+    if not templates:
+        return None
+    if len(templates) == 1 and "{}" not in templates[0]:
+        return templates[0]
+    return list(templates)
+
+
+def vocabulary_limits_problem(queries: Sequence[str], templates: Sequence[str]) -> str | None:
+    """Why a vocabulary request is too large for the node, or None; the engine checks the
+    rest (empty, duplicate, thresholds, template syntax)."""
+    if len(queries) > MAX_QUERIES:
+        return f"{len(queries)} queries: at most {MAX_QUERIES} are accepted"
+    for what, texts in (("query", queries), ("template", templates)):
+        for i, text in enumerate(texts):
+            if isinstance(text, str) and len(text.strip()) > MAX_TEXT_CHARS:
+                return (f"{what} {i} is {len(text.strip())} characters long: at most "
+                        f"{MAX_TEXT_CHARS} are accepted (the model reads only its first "
+                        "tokens)")
+    try:
+        prompts = len(queries) * len(resolve_templates(template_setting(templates)))
+    except VocabularyError:
+        return None  # the engine names the bad template
+    if prompts > MAX_PROMPTS:
+        return (f"{len(queries)} queries x {prompts // len(queries)} templates = {prompts} "
+                f"prompts: at most {MAX_PROMPTS} are accepted")
+    return None

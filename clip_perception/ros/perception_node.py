@@ -12,69 +12,41 @@ swap, and every result carries the version it was computed with.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
 import traceback
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import rclpy
 from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.time import Time
-from std_msgs.msg import Header, String
 
+from clip_perception.batching import infer_with_split
 from clip_perception.image_messages import ImageConversionError
-from clip_perception.msg import Vocabulary as VocabularyMsg
 from clip_perception.ros import params as P
-from clip_perception.ros.camera_io import Camera, decode, subscribe_cameras
+from clip_perception.ros.camera_io import Camera, Frame, decode, subscribe_cameras
 from clip_perception.ros.diagnostics import EngineFigures, diagnostic_array
 from clip_perception.ros.frame_slots import FrameSlots, TakenFrame
 from clip_perception.ros.stats import RollingWindow
-from clip_perception.srv import SetQueries
-from clip_perception.vocabulary import (
-    NoVocabularyError,
-    Vocabulary,
-    VocabularyError,
-    resolve_templates,
-    validate_queries,
-    validate_thresholds,
-)
+from clip_perception.ros.vocabulary_channels import VocabularyChannels
+from clip_perception.vocabulary import NoVocabularyError
 
-VOCABULARY_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                            durability=DurabilityPolicy.TRANSIENT_LOCAL)
 VOCABULARY_PARAMS = ("thresholds", "templates")  # with the node's vocabulary_param
+# A stop (SIGINT, SIGTERM) never waits longer than this for a batch or a vocabulary encode in
+# flight (seconds each on a CPU): what still runs then is abandoned.
+SHUTDOWN_BUDGET_S = 1.5
 
 
 class StartupError(RuntimeError):
     """The node cannot start (bad parameters, missing or broken model): one clear line."""
-
-
-@dataclass(frozen=True)
-class VocabularyOutcome:
-    success: bool
-    message: str
-    version: int
-    active: list[str]
-
-
-@dataclass(frozen=True)
-class Frame:
-    """A decoded frame ready for the engine."""
-
-    camera: Camera
-    header: Header
-    rgb: np.ndarray  # (H, W, 3) uint8
-    received_at: float
 
 
 def bundled_model(name: str) -> str:
@@ -90,24 +62,21 @@ def bundled_model(name: str) -> str:
     return path
 
 
-def split_queries(text: str) -> list[str]:
-    """``"a mug, a person"`` or one query per line -> ["a mug", "a person"]."""
-    return [q.strip() for q in text.replace("\n", ",").split(",") if q.strip()]
+def model_folder(setting: str, bundled: str) -> str:
+    """The checkpoint folder to load: the ``model`` parameter, or the bundled model when it
+    is empty. Never a download: anything that is not a folder (a hub id such as
+    google/owlvit-base-patch32 included) is a start-up error naming it."""
+    if not setting:
+        return bundled_model(bundled)
+    path = os.path.expanduser(setting)
+    if not os.path.isdir(path):
+        raise StartupError(f"model {setting}: no such checkpoint folder (this node loads local "
+                           "folders only and never downloads; see docs/model.md to fetch one)")
+    return path
 
 
-def template_setting(templates: Sequence[str]) -> str | list[str] | None:
-    """Parameter/request form -> engine form: [] = query as is, ["clip7"] = a named set."""
-    if not templates:
-        return None
-    if len(templates) == 1 and "{}" not in templates[0]:
-        return templates[0]
-    return list(templates)
-
-
-class PerceptionNode(Node):
+class PerceptionNode(VocabularyChannels, Node):
     """Base of the detector and classifier nodes; subclasses supply the engine calls."""
-
-    vocabulary_param = "queries"
 
     def __init__(self, name: str, specs: Sequence[P.ParamSpec]) -> None:
         super().__init__(name)
@@ -125,10 +94,8 @@ class PerceptionNode(Node):
 
         self.inference_ms = RollingWindow()
         self.failed_batches = 0
-        self.vocabulary_rejections = 0
+        self.oom_splits = 0
         self.note = ""
-        self.templates_in_effect: list[str] = []
-        self._vocabulary_lock = threading.Lock()  # orders ~/vocabulary publications
 
         self.control_group = ReentrantCallbackGroup()
         topics = self.settings["image_topics"]
@@ -139,12 +106,7 @@ class PerceptionNode(Node):
         for camera in self.cameras:
             self.create_outputs(camera)
 
-        self.vocabulary_pub = self.create_publisher(VocabularyMsg, "~/vocabulary",
-                                                    VOCABULARY_QOS)
-        self.create_subscription(String, "~/queries", self._on_queries_topic, 10,
-                                 callback_group=self.control_group)
-        self.create_service(SetQueries, "~/set_queries", self._on_set_queries,
-                            callback_group=self.control_group)
+        self.create_vocabulary_channels(self.control_group)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(1.0, self._publish_diagnostics,
                           callback_group=MutuallyExclusiveCallbackGroup())
@@ -169,15 +131,6 @@ class PerceptionNode(Node):
         """Create the publishers of one camera."""
 
     @abstractmethod
-    def submit_vocabulary(self, queries: list[str], thresholds: list[float] | None,
-                          templates: str | list[str] | None) -> Future[int]:
-        """Validate (raising VocabularyError) and start encoding a text vocabulary."""
-
-    @abstractmethod
-    def active_vocabulary(self) -> Vocabulary | None:
-        """The engine's active vocabulary."""
-
-    @abstractmethod
     def infer(self, frames: list[Frame]) -> list[Any]:
         """One engine result per frame (raises NoVocabularyError before any vocabulary)."""
 
@@ -191,104 +144,10 @@ class PerceptionNode(Node):
 
     def check_whole_state(self, state: dict[str, Any]) -> str | None:
         """Cross-parameter checks; the reason a state is invalid, or None."""
-        try:
-            queries = state[self.vocabulary_param]
-            if queries:
-                validate_queries(queries)
-            thresholds = state.get("thresholds") or None
-            if thresholds is not None and queries:
-                validate_thresholds(list(thresholds), len(queries))
-            resolve_templates(template_setting(state["templates"]))
-        except VocabularyError as error:
-            return str(error)
-        return None
+        return self.check_vocabulary_state(state)
 
     def device_and_precision(self) -> tuple[str, str]:
         return self.settings["device"], self.settings["precision"]
-
-    def default_threshold(self) -> float:
-        return self.settings.get("score_threshold", 0.0)
-
-    # ---------------------------------------------------------------- vocabulary
-    def change_vocabulary(self, queries: list[str], thresholds: list[float] | None,
-                          templates: Sequence[str], wait: bool) -> VocabularyOutcome:
-        """The one path every vocabulary input takes. With ``wait`` the outcome of the
-        encoding is returned; otherwise only validation is reported and the swap happens
-        in the background (published on ~/vocabulary when done)."""
-        try:
-            future = self.submit_vocabulary(queries, thresholds, template_setting(templates))
-        except VocabularyError as error:
-            self.vocabulary_rejections += 1
-            return self._outcome(False, str(error))
-        # ~/vocabulary lists the prompt templates spelled out (empty: the query as is).
-        setting = template_setting(templates)
-        self.publish_when_done(future, list(resolve_templates(setting)) if setting else [])
-        if not wait:
-            return self._outcome(True, "accepted; encoding in the background")
-        try:
-            future.result()
-        except Exception as error:  # the worker's failure is reported to the caller
-            return self._outcome(False, f"encoding the vocabulary failed: {error}")
-        vocabulary = self.active_vocabulary()
-        notes = "; ".join(vocabulary.warnings) if vocabulary is not None else ""
-        return self._outcome(True, notes or "ok")
-
-    def _outcome(self, success: bool, message: str) -> VocabularyOutcome:
-        vocabulary = self.active_vocabulary()
-        if vocabulary is None:
-            return VocabularyOutcome(success, message, 0, [])
-        return VocabularyOutcome(success, message, vocabulary.version, list(vocabulary.labels))
-
-    def publish_when_done(self, future: Future[int], templates: list[str] | None) -> None:
-        """Publish the vocabulary on ~/vocabulary once ``future``'s change is active.
-
-        templates: the prompt templates of a text change; None keeps the current ones (an
-        image exemplar). The engine applies changes in order, so callbacks arrive in order.
-        """
-        future.add_done_callback(lambda f: self._vocabulary_done(f, templates))
-
-    def _vocabulary_done(self, future: Future[int], templates: list[str] | None) -> None:
-        if future.exception() is not None:
-            self.get_logger().error(f"vocabulary update failed: {future.exception()}")
-            return
-        with self._vocabulary_lock:
-            if templates is not None:
-                self.templates_in_effect = templates
-            vocabulary = self.active_vocabulary()
-            if vocabulary is None or vocabulary.version != future.result():
-                return  # a newer change is already active and publishes itself
-            default = self.default_threshold()
-            self.vocabulary_pub.publish(VocabularyMsg(
-                version=vocabulary.version, queries=list(vocabulary.labels),
-                thresholds=[default if t is None else t for t in vocabulary.thresholds],
-                templates=self.templates_in_effect))
-        warnings = "; ".join(vocabulary.warnings)
-        self.get_logger().info(
-            f"vocabulary v{vocabulary.version}: {len(vocabulary)} queries"
-            + (f" ({warnings})" if warnings else ""))
-
-    def _on_set_queries(self, request: SetQueries.Request,
-                        response: SetQueries.Response) -> SetQueries.Response:
-        try:
-            outcome = self.change_vocabulary(
-                list(request.queries), list(request.thresholds) or None,
-                list(request.templates) or self.settings["templates"], wait=True)
-        except Exception as error:  # never let a request kill the service; report it
-            self.get_logger().error(f"set_queries failed: {traceback.format_exc()}")
-            outcome = self._outcome(False, f"internal error: {error}")
-        response.success = outcome.success
-        response.message = outcome.message
-        response.vocabulary_version = outcome.version
-        response.active_queries = outcome.active
-        return response
-
-    def _on_queries_topic(self, msg: String) -> None:
-        queries = split_queries(msg.data)
-        outcome = self.change_vocabulary(queries, None, self.settings["templates"],
-                                         wait=False)
-        if not outcome.success:
-            self.get_logger().warning(f"ignored queries on ~/queries: {outcome.message}",
-                                      throttle_duration_sec=2.0)
 
     # ---------------------------------------------------------------- parameters
     def _validate_parameters(self, parameters: list) -> Any:
@@ -310,8 +169,15 @@ class PerceptionNode(Node):
         while not self._stop.is_set():
             taken = self.slots.take(self.settings["max_batch"], timeout=0.1)
             frames = [f for f in (self._decode(t) for t in taken) if f is not None]
-            if frames:
+            if not frames:
+                continue
+            try:
                 self._process(frames)
+            except Exception:  # a publishing failure must not end the worker (and the node)
+                if self._stop.is_set():
+                    return  # the context went away under a stop: nothing left to publish to
+                self.get_logger().error(f"publishing results failed: {traceback.format_exc()}",
+                                        throttle_duration_sec=5.0)
 
     def _decode(self, taken: TakenFrame) -> Frame | None:
         camera = self.cameras[taken.camera]
@@ -327,48 +193,69 @@ class PerceptionNode(Node):
 
     def _process(self, frames: list[Frame]) -> None:
         start = time.perf_counter()
+        splits = self.oom_splits
         try:
-            results = self.infer(frames)
-        except NoVocabularyError:
-            self.note = "waiting for a vocabulary (~/set_queries, ~/queries or parameter)"
-            self.get_logger().info(self.note, throttle_duration_sec=10.0)
-            return
-        except Exception as error:  # keep serving; the failure is logged and counted
+            results = infer_with_split(self.infer, frames, self._on_out_of_memory)
+        except Exception as error:  # keep serving; the loss is logged and counted per camera
+            for frame in frames:
+                frame.camera.failed += 1
+            if isinstance(error, NoVocabularyError):
+                self.note = "waiting for a vocabulary (~/set_queries, ~/queries or parameter)"
+                self.get_logger().info(self.note, throttle_duration_sec=10.0)
+                return
             self.failed_batches += 1
             self.note = f"inference failed: {error}"
             self.get_logger().error(
                 f"inference failed ({self.failed_batches} batches so far): {error}\n"
                 + traceback.format_exc(), throttle_duration_sec=5.0)
             return
-        self.note = ""
+        self.note = ("" if self.oom_splits == splits else
+                     f"GPU out of memory: a batch of {len(frames)} was split and retried "
+                     f"({self.oom_splits} splits so far)")
         self.inference_ms.add((time.perf_counter() - start) * 1e3)
         for frame, result in zip(frames, results, strict=True):
             self.publish_result(frame, result)
             now = self.get_clock().now()
             latency = (now - Time.from_msg(frame.header.stamp)).nanoseconds / 1e6
+            frame.camera.published += 1
             frame.camera.processed.add()
             frame.camera.latency_ms.add(latency)
 
-    def _publish_diagnostics(self) -> None:
+    def _on_out_of_memory(self, batch_size: int, error: BaseException) -> None:
+        self.oom_splits += 1
+        # Once: under memory pressure every batch may split, and the count is in diagnostics.
+        self.get_logger().warning(
+            f"GPU out of memory on a batch of {batch_size}; splitting batches and retrying "
+            f"(counted as oom_batch_splits in /diagnostics): {error}", once=True)
+
+    def engine_figures(self) -> EngineFigures:
         vocabulary = self.active_vocabulary()
         device, precision = self.device_and_precision()
-        figures = EngineFigures(
+        return EngineFigures(
             device=device, precision=precision,
             vocabulary_version=vocabulary.version if vocabulary else 0,
             vocabulary_size=len(vocabulary) if vocabulary else 0,
             inference_ms=self.inference_ms, failed_batches=self.failed_batches,
-            vocabulary_rejections=self.vocabulary_rejections, note=self.note)
+            oom_splits=self.oom_splits, vocabulary_rejections=self.vocabulary_rejections,
+            note=self.note)
+
+    def _publish_diagnostics(self) -> None:
         self.diagnostics_pub.publish(diagnostic_array(
             self.get_name(), self.get_clock().now().to_msg(), self.cameras, self.slots,
-            figures))
+            self.engine_figures()))
 
-    def close(self) -> None:
-        """Stop the worker (it finishes the batch in flight) and the engine's vocabulary
-        worker before the node is destroyed."""
+    def close(self, timeout: float) -> bool:
+        """Stop the frame worker and the engine's vocabulary worker; True when both finished
+        within ``timeout`` s, False when a batch or an encode is still running (abandoned)."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
         self.slots.close()
-        self._worker.join(timeout=5.0)
-        self.engine.close()
+        self._worker.join(max(deadline - time.monotonic(), 0.0))
+        # engine.close() waits for the encode in flight: wait for it in a thread of its own.
+        closer = threading.Thread(target=self.engine.close, name="engine-close", daemon=True)
+        closer.start()
+        closer.join(max(deadline - time.monotonic(), 0.0))
+        return not (self._worker.is_alive() or closer.is_alive())
 
 
 def run(make_node: Callable[[], PerceptionNode], name: str, args: list[str] | None = None) -> int:
@@ -377,7 +264,7 @@ def run(make_node: Callable[[], PerceptionNode], name: str, args: list[str] | No
     try:
         node = make_node()
     except StartupError as error:
-        print(f"[{name}] error: {error}", file=sys.stderr)
+        print(f"[{name}] error: {one_line(str(error))}", file=sys.stderr)
         rclpy.try_shutdown()
         return 1
     executor = MultiThreadedExecutor(num_threads=4)
@@ -387,8 +274,34 @@ def run(make_node: Callable[[], PerceptionNode], name: str, args: list[str] | No
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        node.close()
-        executor.shutdown(timeout_sec=1.0)
-        node.destroy_node()
-        rclpy.try_shutdown()
+        stop(node, executor, name)
     return 0
+
+
+def one_line(text: str) -> str:
+    """A library's message as one plain line: some span paragraphs (torch.load's refusal of
+    a pickle does) and carry terminal colour codes."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())
+
+
+def stop(node: PerceptionNode, executor: MultiThreadedExecutor, name: str) -> None:
+    """Stop within SHUTDOWN_BUDGET_S. A batch or an encode still running by then is
+    abandoned with os._exit: the interpreter would otherwise join the worker threads at exit
+    and wait for it. A watchdog covers a clean-up step that blocks."""
+    watchdog = threading.Timer(SHUTDOWN_BUDGET_S, _exit_now, (name, "clean-up timed out"))
+    watchdog.daemon = True
+    watchdog.start()
+    finished = node.close(timeout=SHUTDOWN_BUDGET_S * 0.6)
+    executor.shutdown(timeout_sec=0.1)
+    node.destroy_node()
+    rclpy.try_shutdown()
+    if not finished:
+        _exit_now(name, "abandoned the inference or vocabulary encode in flight")
+    watchdog.cancel()
+
+
+def _exit_now(name: str, why: str) -> None:
+    print(f"[{name}] stopped: {why}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -37,6 +37,12 @@ class RollingWindow:
         # Events per second since the oldest event still in the window.
         return len(recent) / max(now - recent[0][0], 1e-9)
 
+    def age_s(self, now: float | None = None) -> float:
+        """Seconds since the newest event; infinity before the first."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            return now - self._events[-1][0] if self._events else float("inf")
+
     def percentiles(self, qs: tuple[float, ...], now: float | None = None) -> list[float]:
         """Percentiles of the values in the window; NaN where there are none."""
         now = time.monotonic() if now is None else now
