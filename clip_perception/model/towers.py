@@ -19,9 +19,12 @@ class VisionTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         width, side = cfg.hidden_size, cfg.num_patches_side
-        self.patch_embed = nn.Conv2d(
-            cfg.num_channels, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False
-        )
+        # The patch "conv" has stride == kernel, so it is one GEMM over flattened patches: a
+        # Linear (C*p*p -> D) is faster than the conv on CPU and is int8-quantisable. The state
+        # dict keeps the checkpoint's conv layout (D, C, p, p) through the two hooks below.
+        self.patch_embed = nn.Linear(cfg.num_channels * cfg.patch_size**2, width, bias=False)
+        self.register_state_dict_post_hook(_patch_weight_to_conv)
+        self.register_load_state_dict_pre_hook(_patch_weight_from_conv)
         self.class_embed = nn.Parameter(torch.randn(width) * width**-0.5)
         self.pos_embed = nn.Parameter(torch.randn(side * side + 1, width) * 0.02)
         self.pre_norm = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
@@ -56,12 +59,37 @@ class VisionTower(nn.Module):
                 f"got {tuple(pixel_values.shape)}"
             )
         rows, cols = self.grid(pixel_values.shape[-2], pixel_values.shape[-1])
-        pixel_values = pixel_values.to(self.patch_embed.weight.dtype)
-        patches = self.patch_embed(pixel_values)  # (B, D, rows, cols)
-        patches = patches.flatten(2).transpose(1, 2)  # (B, P, D), row-major over the grid
+        batch, channels, p = pixel_values.shape[0], self.cfg.num_channels, self.cfg.patch_size
+        # Like the conv, drop remainder rows/cols; the reshape copy gathers each patch (pos_embed
+        # has the model dtype even after int8 quantisation replaced the patch Linear).
+        x = pixel_values[:, :, : rows * p, : cols * p].to(self.pos_embed.dtype)
+        x = x.reshape(batch, channels, rows, p, cols, p)  # (B, C, rows, p, cols, p)
+        x = x.permute(0, 2, 4, 1, 3, 5)  # (B, rows, cols, C, p, p): the conv weight's order
+        x = x.reshape(batch, rows * cols, channels * p * p)  # (B, P, C*p*p), row-major grid
+        patches = self.patch_embed(x)  # (B, P, D)
         cls = self.class_embed.expand(patches.shape[0], 1, -1)  # (B, 1, D)
         x = torch.cat([cls, patches], dim=1) + self.position_embeddings(rows, cols)
         return self.encoder(self.pre_norm(x))
+
+
+def _patch_weight_to_conv(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, local_metadata: dict
+) -> None:
+    """state_dict hook: the (D, C*p*p) patch Linear weight in the checkpoint's conv layout."""
+    key = f"{prefix}patch_embed.weight"
+    if key in state_dict:  # absent once int8 quantisation has packed the weight
+        cfg = module.cfg
+        p = cfg.patch_size
+        state_dict[key] = state_dict[key].view(-1, cfg.num_channels, p, p)  # (D, C, p, p)
+
+
+def _patch_weight_from_conv(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: object
+) -> None:
+    """load_state_dict pre-hook: a conv-layout (D, C, p, p) weight flattened to (D, C*p*p)."""
+    key = f"{prefix}patch_embed.weight"
+    if key in state_dict and state_dict[key].dim() == 4:
+        state_dict[key] = state_dict[key].flatten(1)  # (D, C*p*p) in (C, p, p) order
 
 
 class TextTower(nn.Module):
