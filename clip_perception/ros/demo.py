@@ -40,6 +40,7 @@ from clip_perception.msg import DetectionArray, Vocabulary
 CAMERA = "/demo_camera/image_raw"
 # The bag's objects; "purple circle" is a colour-shape pair the model never saw in training.
 QUERIES = ["orange square", "purple triangle", "orange circle", "purple circle"]
+DEMO_THRESHOLD = 0.3
 RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -50,7 +51,7 @@ def start_node(model: str, queries: list[str], folder: Path, log: Path) -> subpr
     params.write_text(json.dumps({"/**": {"ros__parameters": {
         "model": model, "device": "cpu", "image_topics": [CAMERA],
         "image_transport": "compressed", "qos_reliability": "reliable", "queries": queries,
-        "score_threshold": 0.3, "max_batch": 1}}}))
+        "score_threshold": DEMO_THRESHOLD, "max_batch": 1}}}))
     exe = Path(get_package_prefix("clip_perception")) / "lib/clip_perception/detector_node"
     return subprocess.Popen([str(exe), "--ros-args", "--params-file", str(params)],
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
