@@ -174,7 +174,7 @@ def annotated(compressed, msg: DetectionArray) -> np.ndarray:
     boxes = np.concatenate([cs[:, :2] - cs[:, 2:] / 2, cs[:, :2] + cs[:, 2:] / 2], axis=1)
     return draw_detections(rgb, boxes, [d.query for d in msg.detections],
                            np.array([d.score for d in msg.detections], np.float32),
-                           np.array([d.query_index for d in msg.detections]))
+                           np.array([d.query_index for d in msg.detections], dtype=np.int64))
 
 
 if __name__ == "__main__":

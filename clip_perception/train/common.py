@@ -1,5 +1,5 @@
 """What both training stages share: seeding, model construction from a recipe, the optimiser
-and schedule, the step loop, image sampling and checkpoint-folder writing."""
+and schedule, the step loop and checkpoint-folder writing."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torchvision.ops import roi_align
 from tqdm import tqdm
 
 from clip_perception.model import ClipModel, ModelConfig, OwlModel, save_clip, save_owl
@@ -28,8 +27,6 @@ from clip_perception.train.recipe import ModelShape, OptimRecipe
 
 SUMMARY_FILE = "training_summary.json"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
-_MEAN = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)  # (1, 3, 1, 1)
-_STD = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)  # (1, 3, 1, 1)
 
 
 @contextlib.contextmanager
@@ -69,18 +66,6 @@ def clip_config(shape: ModelShape, vocab_size: int, log_logit_scale: float) -> M
         "projection_dim": shape.text_width, "logit_scale_init_value": log_logit_scale,
         "text_config": text, "vision_config": vision,
     })
-
-
-def new_clip(cfg: ModelConfig) -> ClipModel:
-    """A randomly initialised CLIP: ViT-style N(0, 0.02) linear weights and zero biases (the
-    towers initialise their own embeddings)."""
-    model = ClipModel(cfg)
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-    return model
 
 
 def owl_config_from(clip_cfg: ModelConfig, image_size: int) -> ModelConfig:
@@ -173,29 +158,9 @@ def run_steps(
         scheduler.step()
         if after_step is not None:
             after_step()
-        log.append({k: float(v.detach()) for k, v in losses.items()})
+        log.append({k: round(float(v.detach()), 5) for k, v in losses.items()})
         bar.set_postfix(loss=f"{log[-1]['loss']:.3f}", refresh=False)
     return log, time.perf_counter() - start
-
-
-def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """(B, 3, S, S) float in 0..255 -> CLIP-normalised model input."""
-    return (pixels / 255.0 - _MEAN) / _STD
-
-
-def crop_resize(images: torch.Tensor, regions: torch.Tensor, size: int,
-                flip: torch.Tensor) -> torch.Tensor:
-    """Crop ``regions`` (B, 4) xyxy pixels of uint8 ``images`` (B, 3, H, W), resize each to
-    ``size`` and mirror rows where ``flip`` (B,) is True -> normalised (B, 3, size, size).
-
-    roi_align averages several samples per output pixel when shrinking, so downscaling is
-    antialiased like the deployment preprocessing.
-    """
-    rois = torch.cat([torch.arange(len(regions)).unsqueeze(1).float(), regions.float()], 1)
-    out = roi_align(images.float(), rois, output_size=size, spatial_scale=1.0,
-                    sampling_ratio=-1, aligned=True)  # (B, 3, size, size)
-    out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)  # (B, 3, size, size)
-    return normalize(out)
 
 
 def save_checkpoint(

@@ -18,24 +18,22 @@ _EPS = 1e-8
 
 def contrastive_loss(
     image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor | float,
-    groups: torch.Tensor | None = None,
+    positives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric cross-entropy over the (N, N) scaled cosine similarities of N image-text pairs.
 
-    Embeddings are (N, D), L2-normalised. ``groups`` (N,) marks pairs that describe the same
-    thing (e.g. two crops of the same category): CLIP's one-hot target would push such pairs
-    apart, so the target of each row is spread evenly over its group instead. Without groups
-    the target is the diagonal, CLIP's loss exactly.
+    Embeddings are (N, D), L2-normalised. ``positives`` (N, N) bool marks every caption j that
+    describes image i (it must include the diagonal): CLIP's one-hot target would push two
+    crops of one category, or a crop and a caption naming only its colour, apart, so each
+    image's target is spread evenly over its positive captions, and each caption's over its
+    positive images. Without it the target is the diagonal, CLIP's loss exactly.
     """
     logits = logit_scale * image_embeds @ text_embeds.t()  # (N, N): image rows, text columns
-    n = logits.shape[0]
-    if groups is None:
-        targets = torch.eye(n, dtype=logits.dtype, device=logits.device)  # (N, N)
-    else:
-        same = (groups.view(-1, 1) == groups.view(1, -1)).to(logits.dtype)  # (N, N)
-        targets = same / same.sum(dim=1, keepdim=True)  # symmetric relation: rows serve both
-    per_image = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)  # (N,)
-    per_text = -(targets * F.log_softmax(logits.t(), dim=1)).sum(dim=1)  # (N,)
+    if positives is None:
+        positives = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
+    match = positives.to(logits.dtype)  # (N, N)
+    per_image = -(match * F.log_softmax(logits, dim=1)).sum(1) / match.sum(1)  # (N,)
+    per_text = -(match.t() * F.log_softmax(logits.t(), dim=1)).sum(1) / match.sum(0)  # (N,)
     return 0.5 * (per_image.mean() + per_text.mean())
 
 
@@ -91,14 +89,18 @@ def match_cost(
 def hungarian_match(
     logits: torch.Tensor, boxes: torch.Tensor, target: BoxTargets, w: DetectionLossWeights
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-to-one assignment minimising :func:`match_cost`: (prediction indices, object
-    indices), each (min(P, G),), sorted by prediction index."""
-    if len(target.labels) == 0:
+    """Assignment minimising :func:`match_cost`, each object taking ``w.matches_per_object``
+    predictions (one-to-one for 1): (prediction indices, object indices), each (M,), sorted by
+    prediction index."""
+    count = len(target.labels)
+    if count == 0:
         empty = torch.zeros(0, dtype=torch.long)
         return empty, empty
-    cost = match_cost(logits.float(), boxes.float(), target, w)
-    rows, cols = linear_sum_assignment(cost.cpu().numpy())
-    return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
+    cost = match_cost(logits.float(), boxes.float(), target, w)  # (P, G)
+    copies = cost.repeat(1, w.matches_per_object)  # (P, G * k): column j is object j % G
+    rows, cols = linear_sum_assignment(copies.cpu().numpy())
+    return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols % count,
+                                                                     dtype=torch.long)
 
 
 def detection_losses(
@@ -108,7 +110,7 @@ def detection_losses(
     """OWL-ViT's loss for a batch: logits (B, P, Q), boxes (B, P, 4) cxcywh, one target per
     image. Every (patch, query) logit is a focal-loss sigmoid: 1 for a matched patch at its
     object's query, 0 everywhere else (unmatched patches are background). Matched boxes get
-    L1 + GIoU. All terms are normalised by the number of objects in the batch, as in DETR.
+    L1 + GIoU. All terms are normalised by the number of matches in the batch, as in DETR.
     """
     class_targets = torch.zeros_like(logits)  # (B, P, Q)
     matched_pred, matched_gt = [], []
@@ -117,20 +119,20 @@ def detection_losses(
         class_targets[b, pred_idx, target.labels[gt_idx]] = 1.0
         matched_pred.append(boxes[b, pred_idx])
         matched_gt.append(target.boxes[gt_idx])
-    num_objects = max(1, sum(len(t.labels) for t in targets))
     pred = torch.cat(matched_pred)  # (M, 4)
+    num_matches = max(1, len(pred))
     gt = torch.cat(matched_gt).to(pred.dtype)  # (M, 4)
-    focal = sigmoid_focal_loss(logits, class_targets, w.focal_alpha, w.focal_gamma) / num_objects
-    l1 = F.l1_loss(pred, gt, reduction="sum") / num_objects
+    focal = sigmoid_focal_loss(logits, class_targets, w.focal_alpha, w.focal_gamma) / num_matches
+    l1 = F.l1_loss(pred, gt, reduction="sum") / num_matches
     giou = generalized_box_iou_loss(
         box_convert(pred, "cxcywh", "xyxy"), box_convert(gt, "cxcywh", "xyxy"), reduction="sum"
-    ) / num_objects
+    ) / num_matches
     loss = w.class_weight * focal + w.l1_weight * l1 + w.giou_weight * giou
     objectness = None
     if objectness_logits is not None:
         # OWLv2's objectness: is this patch matched to any object (class-agnostic).
         is_object = class_targets.amax(dim=-1)  # (B, P)
         objectness = sigmoid_focal_loss(
-            objectness_logits, is_object, w.focal_alpha, w.focal_gamma) / num_objects
+            objectness_logits, is_object, w.focal_alpha, w.focal_gamma) / num_matches
         loss = loss + w.class_weight * objectness
     return DetectionLosses(loss, focal, l1, giou, objectness)

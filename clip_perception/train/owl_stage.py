@@ -19,22 +19,19 @@ The text tower is frozen by default (``OwlRecipe.text_lr_scale``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
+from torchvision.ops import box_convert
 
 from clip_perception.model import OwlModel, load_clip, load_owl, load_tokenizer, read_config
 from clip_perception.model.preprocess import load_preprocessor
 from clip_perception.model.tokenizer import ClipTokenizer
-from clip_perception.train.coco import CocoDataset, load_coco
+from clip_perception.train.coco import load_coco
 from clip_perception.train.common import (
     TrainingSummary,
-    crop_resize,
     make_optimizer,
     owl_config_from,
     preprocessor_for,
@@ -42,54 +39,9 @@ from clip_perception.train.common import (
     save_checkpoint,
     training_session,
 )
+from clip_perception.train.frames import FrameBank, build_frame_bank, crop_resize
 from clip_perception.train.losses import BoxTargets, detection_losses
 from clip_perception.train.recipe import OwlRecipe, Recipe
-
-# Stored frame side / model input side: room for zoomed-in crops without upsampling much.
-FRAME_STORE_RATIO = 1.25
-
-
-@dataclass(frozen=True)
-class FrameBank:
-    """Training frames already in the model's square frame, and their boxes."""
-
-    frames: torch.Tensor  # (N, 3, C, C) uint8
-    boxes: list[torch.Tensor]  # per frame (G, 4) xyxy in [0, 1] of the square frame
-    labels: list[torch.Tensor]  # per frame (G,) int64 index into names
-    names: list[str]  # categories with at least one training box
-
-
-def _to_square(rgb: np.ndarray, side: int, pad: bool) -> tuple[np.ndarray, float, float]:
-    """The frame as the model sees it, side x side, and the (x, y) pixel -> [0, 1] scales."""
-    height, width = rgb.shape[:2]
-    if pad:  # OWLv2: bottom/right zero padding to a square first
-        big = max(height, width)
-        rgb = cv2.copyMakeBorder(rgb, 0, big - height, 0, big - width, cv2.BORDER_CONSTANT)
-        height = width = big
-    resized = cv2.resize(rgb, (side, side), interpolation=cv2.INTER_AREA)
-    return resized, 1.0 / width, 1.0 / height
-
-
-def build_frame_bank(dataset: CocoDataset, side: int, pad: bool) -> FrameBank:
-    names = sorted({label for image in dataset.images for label in image.labels},
-                   key=dataset.categories.index)
-    if not names:
-        raise ValueError(f"{dataset.annotation_file}: no annotated objects to train on")
-    index = {name: i for i, name in enumerate(names)}
-    frames, boxes, labels = [], [], []
-    for image in tqdm(dataset.images, desc="loading frames", unit="img", mininterval=5.0):
-        square, sx, sy = _to_square(image.read_rgb(), side, pad)
-        frames.append(square)
-        scale = torch.tensor([sx, sy, sx, sy])  # (4,)
-        boxes.append(torch.from_numpy(image.boxes).reshape(-1, 4) * scale)  # (G, 4)
-        labels.append(torch.tensor([index[n] for n in image.labels], dtype=torch.long))
-    stacked = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()  # (N,3,C,C)
-    return FrameBank(stacked, boxes, labels, names)
-
-
-def _cxcywh(xyxy: torch.Tensor) -> torch.Tensor:
-    x0, y0, x1, y1 = xyxy.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
 
 
 class FrameSampler:
@@ -118,17 +70,16 @@ class FrameSampler:
         if flip:
             clipped = torch.stack([1 - clipped[:, 2], clipped[:, 1], 1 - clipped[:, 0],
                                    clipped[:, 3]], dim=-1)  # (G, 4)
-        return _cxcywh(clipped[keep]), keep
+        return box_convert(clipped[keep], "xyxy", "cxcywh"), keep
 
     def batch(self, n: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """pixels (n, 3, S, S), per image boxes (G, 4) cxcywh and labels (G,)."""
         idx = self.rng.integers(len(self.bank.frames), size=n)
         flips = self.rng.random(n) < self.cfg.hflip
-        store = self.bank.frames.shape[-1]
         regions, boxes, labels = [], [], []
         for i, flip in zip(idx, flips, strict=True):
             x0, y0, side = self._window()
-            regions.append([x0 * store, y0 * store, (x0 + side) * store, (y0 + side) * store])
+            regions.append([x0, y0, x0 + side, y0 + side])
             kept, keep = self._boxes_in(self.bank.boxes[i], x0, y0, side, bool(flip))
             boxes.append(kept)
             labels.append(self.bank.labels[i][keep])
@@ -187,7 +138,7 @@ def train_owl(
     with training_session(recipe.seed, recipe.num_threads) as rng:
         owl, tokenizer, pad = _start(src, recipe)
         size = owl.config.image_size
-        bank = build_frame_bank(load_coco(data_dir), round(size * FRAME_STORE_RATIO), pad)
+        bank = build_frame_bank(load_coco(data_dir), size, pad)
         sampler = FrameSampler(bank, cfg, size, rng)
         name_ids = tokenizer(bank.names)  # (K, L)
         train_text = cfg.text_lr_scale > 0

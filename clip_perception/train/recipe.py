@@ -28,7 +28,7 @@ class ModelShape:
     image_size: int = 160
     patch_size: int = 16
     vision_width: int = 128
-    vision_layers: int = 6
+    vision_layers: int = 4
     vision_heads: int = 4
     text_width: int = 128  # also the projection width: OWL needs them equal
     text_layers: int = 3
@@ -60,6 +60,11 @@ class DetectionLossWeights:
     class_weight: float = 2.0
     l1_weight: float = 5.0
     giou_weight: float = 2.0
+    # Predictions matched to each object. 1 is OWL-ViT's one-to-one matching; k > 1 runs the
+    # same Hungarian matching against k copies of every object (H-DETR's one-to-many branch),
+    # which gives k times the positives per step and converges much faster on small budgets.
+    # The detector's NMS removes the resulting near-duplicate boxes.
+    matches_per_object: int = 1
 
 
 @dataclass(frozen=True)
@@ -69,12 +74,18 @@ class ClipRecipe:
     optim: OptimRecipe = field(default_factory=lambda: OptimRecipe(
         steps=700, batch_size=128, lr=1e-3, weight_decay=0.1, warmup_steps=50))
     bpe_merges: int = 600  # upper bound; learning stops when no pair occurs twice
-    # Crop side / object side, sampled log-uniformly: from tight crops to the object covering
-    # about a patch, the scale it has in detection frames.
-    context: tuple[float, float] = (1.5, 4.0)
+    # Window side / object side, sampled log-uniformly (windows are capped at the detector's
+    # scale, see clip_stage.WindowSampler).
+    context: tuple[float, float] = (1.5, 5.0)
     center_jitter: float = 0.15  # max shift of the crop centre, in object sides
     hflip: float = 0.5
-    templates: str = "clip80"  # captions: a random template of this set per crop
+    templates: str = "clip80"  # captions: a random template of this set per crop, or ...
+    bare_name: float = 0.3  # ... with this probability the bare name, as detection queries are
+    # Probability that a caption names one word of a multi-word category only ("red" or
+    # "triangle" for "red triangle"; positive for every crop with that word). For
+    # attribute-noun names like the synthetic ones: it makes both towers represent colour and
+    # shape separately, which is what lets unseen pairs compose. 0 for other datasets.
+    partial_names: float = 0.0
     init_temperature: float = 0.07  # CLIP's initial 1 / logit scale
     max_logit_scale: float = 100.0  # CLIP clamps the learned scale here
 
