@@ -102,7 +102,7 @@ def write_vocabulary(folder: Path, vocab_size: int) -> None:
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
+def randomize_weights(model: torch.nn.Module, seed: int) -> None:
     """Redraw every parameter at a trained-like scale: matrices ~ N(0, 1/fan_in) keep the
     activations, and so the boxes, away from saturation; LayerNorm weights 1 + noise; other
     vectors small noise (transformers' init leaves biases 0 and box logits near-constant)."""
@@ -132,7 +132,7 @@ def build_checkpoint(folder: Path, arch: str = "b32", seed: int = 0) -> Path:
     config = OwlViTConfig(**overrides)
     torch.manual_seed(seed)
     model = OwlViTForObjectDetection(config).eval()
-    _randomize(model, seed + 1)
+    randomize_weights(model, seed + 1)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     write_vocabulary(folder, config.text_config.vocab_size)

@@ -12,6 +12,17 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PEERS = pathlib.Path(__file__).resolve().parent / "peers"
 
 
+@pytest.fixture(scope="module")
+def two_torch_threads() -> Iterator[None]:
+    """torch on at most 2 threads (the CI machine's cores) for a module, restored after."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(min(2, previous))
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def ros_context() -> Iterator[object]:
     """An initialised rclpy context of this test's own, shut down afterwards."""

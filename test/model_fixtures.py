@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from clip_perception.bench_contenders import randomize_weights
+
 # Small vocabulary: ids [1, VOCAB - 3] are words, VOCAB - 2 is BOS, VOCAB - 1 (the largest id,
 # as in the CLIP vocabulary) is EOS, 0 pads (OWL convention: a padded query is all zeros).
 VOCAB = 64
@@ -33,21 +35,6 @@ def _merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, A
     out = copy.deepcopy(base)
     out.update(override or {})
     return out
-
-
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Redraw every parameter: matrices ~ N(0, 1/fan_in) keep activations (and so the boxes)
-    in a realistic range; LayerNorm weights 1 + noise; biases and other vectors small noise."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen, dtype=param.dtype)
-            if param.dim() >= 2:
-                param.copy_(noise * param[0].numel() ** -0.5)
-            elif "norm" in name and name.endswith("weight"):
-                param.copy_(1 + noise * 0.1)
-            else:
-                param.add_(noise * 0.1)
 
 
 def _save(model: torch.nn.Module, path: str | os.PathLike[str], weights: str) -> None:
@@ -73,7 +60,7 @@ def _build(
     torch.manual_seed(seed)
     config = config_cls(text_config=text, vision_config=vision, **overrides)
     model = model_cls(config).eval()
-    _randomize(model, seed + 1)
+    randomize_weights(model, seed + 1)
     _save(model, path, weights)
     return model
 

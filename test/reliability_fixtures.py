@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 from builtin_interfaces.msg import Time
 from engine_fixtures import random_image
-from model_fixtures import _randomize
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
+from clip_perception.bench_contenders import randomize_weights
 from clip_perception.model.tokenizer import _BYTE_ENCODER, BOS_TOKEN, EOS_TOKEN
 from clip_perception.ros import messages
 
@@ -44,7 +44,7 @@ def b32_checkpoint(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = OwlViTForObjectDetection(OwlViTConfig()).eval()
-    _randomize(model, 1)  # realistic activations (and so realistic boxes and scores)
+    randomize_weights(model, 1)  # realistic activations (and so realistic boxes and scores)
     model.save_pretrained(folder)
     symbols = list(_BYTE_ENCODER.values())
     tokens = symbols + [s + "</w>" for s in symbols]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,12 +31,7 @@ from clip_perception.model import (
 SAVERS = {"owlvit": save_tiny_owlvit, "owlv2": save_tiny_owlv2, "clip": save_tiny_clip}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(min(2, previous))
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ activation. Tolerances: 1e-4 for boxes and objectness, 1e-3 for logits and embed
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from model_fixtures import (
@@ -38,12 +36,7 @@ CONFIGS = {
 OWL_SAVERS = {"v1": save_tiny_owlvit, "v2": save_tiny_owlv2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(min(2, previous))
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:

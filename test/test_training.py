@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -35,12 +34,7 @@ SHIPPED = {"owl": REPO / "models" / "synthetic-owl", "clip": REPO / "models" / "
 BOX_TOL, LOGIT_TOL = 1e-4, 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(min(2, previous))
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 # ------------------------------------------------------------------ losses
