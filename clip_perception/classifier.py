@@ -23,12 +23,10 @@ from clip_perception.model import ClipModel, load_clip, load_tokenizer
 from clip_perception.model.preprocess import Preprocessor, load_preprocessor
 from clip_perception.model.tokenizer import ClipTokenizer
 from clip_perception.vocabulary import (
-    EmbeddingCache,
     EncoderStats,
     Templates,
-    TextEncoder,
     Vocabulary,
-    VocabularyStore,
+    text_vocabulary_store,
 )
 
 
@@ -61,14 +59,9 @@ class ZeroShotClassifier:
         self.clip = clip
         self.preprocessor = preprocessor
         self.placement = placement
-        context = clip.config.context_length
-        encoder = TextEncoder(
-            model_key=model_key,
-            tokenize=lambda texts: tokenizer.encode_batch(texts, context_length=context),
-            encode=clip.encode_text,
-            device=placement.device,
-        )
-        self._store = VocabularyStore(encoder, placement.dtype, EmbeddingCache(cache_size))
+        self._store = text_vocabulary_store(
+            tokenizer, clip.encode_text, clip.config.context_length, placement.device,
+            placement.dtype, model_key, cache_size)
 
     @property
     def vocabulary(self) -> Vocabulary | None:

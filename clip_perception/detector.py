@@ -32,14 +32,12 @@ from clip_perception.model.preprocess import (
 from clip_perception.model.tokenizer import ClipTokenizer
 from clip_perception.postprocess import best_query_per_patch, select_detections
 from clip_perception.vocabulary import (
-    EmbeddingCache,
     EncoderStats,
     Templates,
-    TextEncoder,
     Vocabulary,
     VocabularyError,
-    VocabularyStore,
     resolve_templates,
+    text_vocabulary_store,
 )
 
 
@@ -122,16 +120,9 @@ class OpenVocabDetector:
         self.preprocessor = preprocessor
         self.placement = placement
         self.settings = settings
-        context = owl.config.context_length
-        encoder = TextEncoder(
-            model_key=model_key,
-            tokenize=lambda texts: tokenizer.encode_batch(texts, context_length=context),
-            encode=owl.encode_text,
-            device=placement.device,
-            batch_size=settings.text_batch_size,
-        )
-        cache = EmbeddingCache(settings.cache_size)
-        self._store = VocabularyStore(encoder, placement.dtype, cache)
+        self._store = text_vocabulary_store(
+            tokenizer, owl.encode_text, owl.config.context_length, placement.device,
+            placement.dtype, model_key, settings.cache_size, settings.text_batch_size)
 
     @property
     def vocabulary(self) -> Vocabulary | None:

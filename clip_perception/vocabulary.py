@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clip_perception.model.tokenizer import TokenizedText
+from clip_perception.model.tokenizer import ClipTokenizer, TokenizedText
 from clip_perception.templates import NAMED_TEMPLATES
 
 Templates = str | Sequence[str] | None
@@ -205,6 +205,21 @@ def resolve_templates(templates: Templates) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------ store
+def text_vocabulary_store(
+    tokenizer: ClipTokenizer, encode: Callable[[Tensor], Tensor], context_length: int,
+    device: torch.device, dtype: torch.dtype, model_key: str, cache_size: int = 4096,
+    batch_size: int = 256,
+) -> VocabularyStore:
+    """The store a model's text tower feeds: prompts tokenised at the model's context length
+    and encoded by ``encode``, cached per (model_key, prompt)."""
+    encoder = TextEncoder(
+        model_key=model_key,
+        tokenize=lambda texts: tokenizer.encode_batch(texts, context_length=context_length),
+        encode=encode, device=device, batch_size=batch_size,
+    )
+    return VocabularyStore(encoder, dtype, EmbeddingCache(cache_size))
+
+
 class VocabularyStore:
     """Holds the active vocabulary and applies updates on a background worker."""
 
