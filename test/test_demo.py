@@ -38,12 +38,16 @@ def test_demo_recall_matches_the_engine_offline(tmp_path):
         found[i] = [(label, *box) for label, box in zip(result.labels, result.boxes.tolist(),
                                                         strict=True)]
     detector.close()
-    offline = recall_at_iou(ground_truth(), found, iou=0.5)
-    assert len(found) == 100 and not math.isnan(offline.unseen)
     summary = run_demo(tmp_path)
-    assert summary["frames_out"] == 100  # reliable QoS and a node faster than 10 Hz
-    assert summary["recall_seen"] == pytest.approx(offline.seen, abs=1e-9)
-    assert summary["recall_unseen"] == pytest.approx(offline.unseen, abs=1e-9)
+    # The latest-frame policy may drop a frame when the machine stalls; compare the frames
+    # the node processed (recall counts an unprocessed frame as one with no detections).
+    assert summary["frames_out"] >= 80
+    processed = summary["frames_processed"]
+    assert len(found) == 100 and len(processed) == summary["frames_out"]
+    expected = recall_at_iou(ground_truth(), {i: found[i] for i in processed}, iou=0.5)
+    assert not math.isnan(expected.unseen)  # the bag has an unseen pair: it was measured
+    assert summary["recall_seen"] == pytest.approx(expected.seen, abs=1e-9)
+    assert summary["recall_unseen"] == pytest.approx(expected.unseen, abs=1e-9)
 
 
 def run_demo(folder: Path) -> dict:

@@ -140,6 +140,7 @@ def summarise(frames, truth, results, sent, queries, elapsed) -> dict:
     recall = recall_at_iou(expected, found, iou=0.5)
     return {
         "frames_in": len(frames), "frames_out": len(results),
+        "frames_processed": sorted(results),
         "frames_per_second": len(results) / elapsed if elapsed > 0 else 0.0,
         "latency_ms_p50": statistics.median(latencies) if latencies else float("nan"),
         "latency_ms_p95": float(np.percentile(latencies, 95)) if latencies else float("nan"),
