@@ -12,6 +12,9 @@ from launch_ros.substitutions import FindPackageShare
 
 from launch import LaunchDescription
 
+# Fast DDS 2.x (Jazzy) reads its default XML profile from this variable.
+DDS_PROFILE_VARIABLE = "FASTRTPS_DEFAULT_PROFILES_FILE"
+
 
 def perception_launch(executable: str, node_name: str, config_name: str,
                       vocabulary_param: str, example: str) -> LaunchDescription:
@@ -29,6 +32,10 @@ def perception_launch(executable: str, node_name: str, config_name: str,
         "params_file": ("", f"parameters YAML; empty: the package's config/{config_name}"),
         "namespace": ("", "namespace for the node and its topics"),
         "use_rviz": ("false", "start RViz with an Image display on the annotated topic"),
+        "dds_profile": ("", "Fast DDS XML profile for the node; empty: "
+                        "$FASTRTPS_DEFAULT_PROFILES_FILE if set, else the package's "
+                        "config/fastdds_large_data.xml (a shared-memory segment that fits "
+                        "camera frames; the camera driver needs it too, see docs/ros.md)"),
     }
 
     def nodes(context):
@@ -44,12 +51,16 @@ def perception_launch(executable: str, node_name: str, config_name: str,
         if vocabulary:
             overrides[vocabulary_param] = vocabulary
         params_file = arg("params_file") or os.path.join(share, "config", config_name)
+        dds_profile = arg("dds_profile") or os.environ.get(DDS_PROFILE_VARIABLE) or \
+            os.path.join(share, "config", "fastdds_large_data.xml")
         launched = [Node(
             package="clip_perception", executable=executable, name=node_name,
             namespace=arg("namespace"), parameters=[params_file, overrides],
             # The node subscribes "image" by default; its outputs follow the remapped name
             # (<image_topic>/detections, <image_topic>/classification, ...).
-            remappings=[("image", arg("image_topic"))], output="screen", emulate_tty=True)]
+            remappings=[("image", arg("image_topic"))],
+            additional_env={DDS_PROFILE_VARIABLE: dds_profile},
+            output="screen", emulate_tty=True)]
         if arg("use_rviz").lower() in ("true", "1", "yes"):
             launched.append(Node(
                 package="rviz2", executable="rviz2", name=f"{node_name}_rviz",

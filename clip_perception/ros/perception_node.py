@@ -3,10 +3,11 @@ out, a vocabulary fed by a service, a topic and a parameter, and diagnostics.
 
 Threads: subscription callbacks only store frames (``FrameSlots``); one worker thread takes
 the newest frame of every camera, batches them through the engine and publishes; services,
-parameters and diagnostics run on a MultiThreadedExecutor in callback groups of their own,
-so they answer while the worker infers. Vocabulary changes are validated at once and encoded
-by the engine in the background; frames keep using the previous vocabulary until the atomic
-swap, and every result carries the version it was computed with.
+parameters and diagnostics run on a multi-threaded executor (``executor.HandOffExecutor``)
+in callback groups of their own, so they answer while the worker infers. Vocabulary changes
+are validated at once and encoded by the engine in the background; frames keep using the
+previous vocabulary until the atomic swap, and every result carries the version it was
+computed with.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import rclpy
 from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.time import Time
 
@@ -34,6 +35,7 @@ from clip_perception.image_messages import ImageConversionError
 from clip_perception.ros import params as P
 from clip_perception.ros.camera_io import Camera, Frame, decode, subscribe_cameras
 from clip_perception.ros.diagnostics import EngineFigures, diagnostic_array
+from clip_perception.ros.executor import HandOffExecutor
 from clip_perception.ros.frame_slots import FrameSlots, TakenFrame
 from clip_perception.ros.stats import RollingWindow
 from clip_perception.ros.vocabulary_channels import VocabularyChannels
@@ -267,7 +269,7 @@ def run(make_node: Callable[[], PerceptionNode], name: str, args: list[str] | No
         print(f"[{name}] error: {one_line(str(error))}", file=sys.stderr)
         rclpy.try_shutdown()
         return 1
-    executor = MultiThreadedExecutor(num_threads=4)
+    executor = HandOffExecutor(num_threads=4)
     executor.add_node(node)
     try:
         executor.spin()
@@ -284,7 +286,7 @@ def one_line(text: str) -> str:
     return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())
 
 
-def stop(node: PerceptionNode, executor: MultiThreadedExecutor, name: str) -> None:
+def stop(node: PerceptionNode, executor: HandOffExecutor, name: str) -> None:
     """Stop within SHUTDOWN_BUDGET_S. A batch or an encode still running by then is
     abandoned with os._exit: the interpreter would otherwise join the worker threads at exit
     and wait for it. A watchdog covers a clean-up step that blocks."""

@@ -18,3 +18,7 @@ export RMW_IMPLEMENTATION="${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}"
 export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 # A domain of this run's own (10..99) unless the caller chose one.
 export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-$(( $$ % 90 + 10 ))}"
+# Fast DDS's 512 KB shared-memory segment is too small for camera frames: every process here
+# (nodes, test publishers, the demo's bag player) uses the package's large-data profile
+# unless the caller chose a profile (config/fastdds_large_data.xml says why).
+export FASTRTPS_DEFAULT_PROFILES_FILE="${FASTRTPS_DEFAULT_PROFILES_FILE:-$PWD/config/fastdds_large_data.xml}"
