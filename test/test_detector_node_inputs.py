@@ -140,6 +140,10 @@ def test_every_encoding_malformed_frames_annotation_and_diagnostics(owl_dir, eng
         assert engine_values["device"] == "cpu" and engine_values["precision"] == "fp32"
         assert engine_values["vocabulary_size"] == "2"
         assert float(engine_values["inference_ms_p50"]) > 0
+        # Every good frame was inferred in some batch: the totals count them all.
+        assert 1 <= int(engine_values["inference_batches"]) <= int(values["frames_received"])
+        assert float(engine_values["inference_ms_total"]) >= float(
+            engine_values["inference_ms_p50"])
     finally:
         probe.close()
         assert node.stop() == 0, node.output()

@@ -24,6 +24,8 @@ class EngineFigures:
     vocabulary_version: int
     vocabulary_size: int
     inference_ms: RollingWindow
+    inference_batches: int  # batches inferred since start ...
+    inference_ms_total: float  # ... and their total time
     failed_batches: int
     oom_splits: int  # batches split and retried after a GPU out-of-memory error
     vocabulary_rejections: int
@@ -81,6 +83,8 @@ def engine_status(node_name: str, figures: EngineFigures) -> DiagnosticStatus:
         vocabulary_version=figures.vocabulary_version,
         vocabulary_size=figures.vocabulary_size,
         inference_ms_p50=_fmt(p50), inference_ms_p95=_fmt(p95),
+        inference_batches=figures.inference_batches,
+        inference_ms_total=_fmt(figures.inference_ms_total),
         failed_batches=figures.failed_batches,
         oom_batch_splits=figures.oom_splits,
         vocabulary_rejections=figures.vocabulary_rejections)

@@ -5,11 +5,12 @@ the engine's own time for the same batch, for 1 and 4 cameras of 640x480 rgb8.
 
 Method: the installed detector_node runs with the model; each round publishes one frame per
 camera and waits for every camera's detections (reliable QoS, so no frame is lost on
-loopback). Overhead = median latency - the node's own median inference time over the same
-rounds, read from its /diagnostics (``inference_ms_p50`` of a report sent after the last
-round, over a 5 s window). The engine time of the same batch measured in this process before
-the node starts is printed beside it for reference. The last line printed is one JSON
-object with every figure.
+loopback). A round's time runs from publishing to the last camera's detections. The node's
+own inference time over the timed rounds comes from its /diagnostics
+(``inference_ms_total`` before and after them; several cameras' frames may take more than
+one batch). Overhead per frame = (median round time - inference time per round) / cameras.
+The same batch timed in this process before the node starts is printed for reference. The
+last line printed is one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +62,16 @@ def engine_ms(model: str, images: list[np.ndarray], repeats: int) -> float:
     return statistics.median(times)
 
 
-def node_latencies_ms(model: str, cameras: int, rounds: int) -> tuple[list[float], float]:
-    """Latencies of every camera in every timed round, and the node's inference p50."""
+@dataclass(frozen=True)
+class NodeRun:
+    """What one run of the node measured: per round, the time from publishing the frames to
+    the last camera's detections; and the node's own inference time over those rounds."""
+
+    round_ms: list[float]
+    inference_ms_per_round: float
+
+
+def node_run(model: str, cameras: int, rounds: int) -> NodeRun:
     topics = [f"/bench/cam{i}" for i in range(cameras)]
     with tempfile.TemporaryDirectory() as folder:
         params = Path(folder) / "params.yaml"
@@ -78,23 +88,43 @@ def node_latencies_ms(model: str, cameras: int, rounds: int) -> tuple[list[float
             node.wait(timeout=20)
 
 
-def _measure(topics: list[str], rounds: int, node: subprocess.Popen
-             ) -> tuple[list[float], float]:
+class _InferenceTotals:
+    """The node's cumulative ``inference_ms_total`` from /diagnostics (one report a second)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.reports: list[tuple[float, float]] = []  # (received at, total ms)
+
+    def on_diagnostics(self, msg: DiagnosticArray) -> None:
+        for status in msg.status:
+            values = {kv.key: kv.value for kv in status.values}
+            if "inference_ms_total" in values:
+                with self.lock:
+                    self.reports.append((time.perf_counter(),
+                                         float(values["inference_ms_total"])))
+
+    def first_after(self, moment: float, timeout_s: float = 5.0) -> float:
+        """The total of the first report received after ``moment`` (no frame is sent while
+        waiting, so it counts exactly the rounds before it)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.lock:
+                later = [total for received, total in self.reports if received > moment]
+            if later:
+                return later[0]
+            time.sleep(0.05)
+        raise RuntimeError("detector_node sent no diagnostics")
+
+
+def _measure(topics: list[str], rounds: int, node: subprocess.Popen) -> NodeRun:
     context = rclpy.Context()
     rclpy.init(context=context)
     probe = rclpy.create_node("overhead_bench", context=context)
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(probe)
     arrivals: dict[tuple[int, int], float] = {}
-    inference_p50: list[tuple[float, float]] = []  # (received at, node's inference p50 ms)
     lock = threading.Lock()
-
-    def on_diagnostics(msg: DiagnosticArray) -> None:
-        for status in msg.status:
-            values = {kv.key: kv.value for kv in status.values}
-            if "inference_ms_p50" in values:
-                with lock:
-                    inference_p50.append((time.perf_counter(), float(values["inference_ms_p50"])))
+    totals = _InferenceTotals()
 
     def on_result(msg: DetectionArray, camera: int) -> None:
         with lock:
@@ -107,12 +137,12 @@ def _measure(topics: list[str], rounds: int, node: subprocess.Popen
     for i, topic in enumerate(topics):
         probe.create_subscription(DetectionArray, f"{topic}/detections",
                                   lambda m, i=i: on_result(m, i), 10)
-    probe.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
+    probe.create_subscription(DiagnosticArray, "/diagnostics", totals.on_diagnostics, 10)
     spinner = threading.Thread(target=executor.spin, daemon=True)
     spinner.start()
     images = [messages.to_image(f, Header(frame_id=f"cam{i}"))
               for i, f in enumerate(frames(len(topics)))]
-    latencies: list[float] = []
+    round_ms: list[float] = []
     try:
         deadline = time.monotonic() + 120
         while any(p.get_subscription_count() == 0 for p in publishers):
@@ -121,6 +151,8 @@ def _measure(topics: list[str], rounds: int, node: subprocess.Popen
             time.sleep(0.05)
         for round_index in range(rounds + 3):  # 3 warm-up rounds
             warm_up = round_index < 3
+            if round_index == 3:
+                start_total = totals.first_after(time.perf_counter())
             keys = [(c, round_index) for c in range(len(topics))]
             wait_until = time.monotonic() + 30
             sent = 0.0
@@ -136,25 +168,13 @@ def _measure(topics: list[str], rounds: int, node: subprocess.Popen
                     raise RuntimeError(f"no detections for round {round_index}")
                 time.sleep(0.0005)
             if not warm_up:
-                latencies += [(arrivals[k] - sent) * 1e3 for k in keys]
-        return latencies, _inference_after(time.perf_counter(), inference_p50, lock)
+                round_ms.append((max(arrivals[k] for k in keys) - sent) * 1e3)
+        end_total = totals.first_after(time.perf_counter())
+        return NodeRun(round_ms, (end_total - start_total) / rounds)
     finally:
         executor.shutdown()
         probe.destroy_node()
         rclpy.shutdown(context=context)
-
-
-def _inference_after(end: float, reports: list[tuple[float, float]], lock: threading.Lock,
-                     timeout_s: float = 5.0) -> float:
-    """The node's inference p50 from the first diagnostics report received after ``end``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with lock:
-            later = [p50 for received, p50 in reports if received > end]
-        if later:
-            return later[0]
-        time.sleep(0.05)
-    raise RuntimeError("detector_node sent no diagnostics after the timed rounds")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,22 +191,21 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds, "cpu_count": os.cpu_count()}
     for cameras in args.cameras:
         offline = engine_ms(model, frames(cameras), repeats=max(10, args.rounds // 2))
-        latencies, engine = node_latencies_ms(model, cameras, args.rounds)
-        median = statistics.median(latencies)
+        run = node_run(model, cameras, args.rounds)
+        median = statistics.median(run.round_ms)
+        overhead = median - run.inference_ms_per_round
         report[f"cameras_{cameras}"] = {
-            "engine_batch_ms_median_in_node": round(engine, 2),
+            "round_ms_median": round(median, 2),
+            "round_ms_mean": round(statistics.fmean(run.round_ms), 2),
+            "round_ms_p95": round(float(np.percentile(run.round_ms, 95)), 2),
+            "inference_ms_per_round_in_node": round(run.inference_ms_per_round, 2),
             "engine_batch_ms_median_offline": round(offline, 2),
-            "latency_ms_median": round(median, 2),
-            "latency_ms_p95": round(float(np.percentile(latencies, 95)), 2),
-            "overhead_ms_median": round(median - engine, 2),
-            "overhead_ms_per_frame": round((median - engine) / cameras, 2),
-            # With several cameras a round may take more than one batch in the node (frames
-            # arrive one by one), so the figure above is an upper bound; subtracting one
-            # offline batch of all cameras gives the lower bound.
-            "overhead_ms_per_frame_vs_offline_batch": round((median - offline) / cameras, 2)}
-        print(f"{cameras} camera(s): latency median {median:.2f} ms, engine in the node "
-              f"{engine:.2f} ms (offline {offline:.2f} ms), overhead {median - engine:.2f} ms",
-              file=sys.stderr)
+            "overhead_ms_median": round(overhead, 2),
+            "overhead_ms_per_frame": round(overhead / cameras, 2)}
+        print(f"{cameras} camera(s): round median {median:.2f} ms, inference in the node "
+              f"{run.inference_ms_per_round:.2f} ms per round (one offline batch "
+              f"{offline:.2f} ms), overhead {overhead:.2f} ms = {overhead / cameras:.2f} ms "
+              "per frame", file=sys.stderr)
     print(json.dumps(report))
     return 0
 

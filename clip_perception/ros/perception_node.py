@@ -95,6 +95,8 @@ class PerceptionNode(VocabularyChannels, Node):
         self.add_post_set_parameters_callback(self._apply_parameters)
 
         self.inference_ms = RollingWindow()
+        self.inference_batches = 0  # since start, with their total time (load, benchmarks)
+        self.inference_ms_total = 0.0
         self.failed_batches = 0
         self.oom_splits = 0
         self.note = ""
@@ -214,7 +216,10 @@ class PerceptionNode(VocabularyChannels, Node):
         self.note = ("" if self.oom_splits == splits else
                      f"GPU out of memory: a batch of {len(frames)} was split and retried "
                      f"({self.oom_splits} splits so far)")
-        self.inference_ms.add((time.perf_counter() - start) * 1e3)
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        self.inference_ms.add(elapsed_ms)
+        self.inference_batches += 1
+        self.inference_ms_total += elapsed_ms
         for frame, result in zip(frames, results, strict=True):
             self.publish_result(frame, result)
             now = self.get_clock().now()
@@ -237,7 +242,8 @@ class PerceptionNode(VocabularyChannels, Node):
             device=device, precision=precision,
             vocabulary_version=vocabulary.version if vocabulary else 0,
             vocabulary_size=len(vocabulary) if vocabulary else 0,
-            inference_ms=self.inference_ms, failed_batches=self.failed_batches,
+            inference_ms=self.inference_ms, inference_batches=self.inference_batches,
+            inference_ms_total=self.inference_ms_total, failed_batches=self.failed_batches,
             oom_splits=self.oom_splits, vocabulary_rejections=self.vocabulary_rejections,
             note=self.note)
 
