@@ -8,7 +8,6 @@ installed, T/detections/vision (vision_msgs/Detection2DArray). Vocabulary: ~/set
 
 from __future__ import annotations
 
-import traceback
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -127,11 +126,7 @@ class DetectorNode(PerceptionNode):
     # --------------------------------------------------------------- services
     def _on_set_image_query(self, request: SetImageQuery.Request,
                             response: SetImageQuery.Response) -> SetImageQuery.Response:
-        try:
-            outcome = self._add_image_query(request)
-        except Exception as error:  # never let a request kill the service; report it
-            self.get_logger().error(f"set_image_query failed: {traceback.format_exc()}")
-            outcome = self.outcome(False, f"internal error: {error}")
+        outcome = self.answer_request("set_image_query", lambda: self._add_image_query(request))
         response.success = outcome.success
         response.message = outcome.message
         response.vocabulary_version = outcome.version

@@ -126,6 +126,16 @@ class VocabularyChannels:
         # The engine's normalisation (stripped text) names the queries of this version.
         return self.made(version, list(validate_queries(queries)))
 
+    def answer_request(self, service: str, handle: Callable[[], VocabularyOutcome]
+                       ) -> VocabularyOutcome:
+        """``handle()``'s outcome; an unexpected exception becomes a failed outcome with its
+        message (and a logged traceback): a request never kills a service."""
+        try:
+            return handle()
+        except Exception as error:
+            self.get_logger().error(f"{service} failed: {traceback.format_exc()}")
+            return self.outcome(False, f"internal error: {error}")
+
     def outcome(self, success: bool, message: str) -> VocabularyOutcome:
         """The active vocabulary's version and labels with ``message``."""
         vocabulary = self.active_vocabulary()
@@ -183,13 +193,9 @@ class VocabularyChannels:
 
     def _on_set_queries(self, request: SetQueries.Request,
                         response: SetQueries.Response) -> SetQueries.Response:
-        try:
-            outcome = self.change_vocabulary(
-                list(request.queries), list(request.thresholds) or None,
-                list(request.templates) or self.settings["templates"], wait=True)
-        except Exception as error:  # never let a request kill the service; report it
-            self.get_logger().error(f"set_queries failed: {traceback.format_exc()}")
-            outcome = self.outcome(False, f"internal error: {error}")
+        outcome = self.answer_request("set_queries", lambda: self.change_vocabulary(
+            list(request.queries), list(request.thresholds) or None,
+            list(request.templates) or self.settings["templates"], wait=True))
         response.success = outcome.success
         response.message = outcome.message
         response.vocabulary_version = outcome.version
