@@ -6,7 +6,7 @@ it again among the tasks in progress, submits it again and loops without ever bl
 it holds the GIL the pool thread needs to start. Every callback then waits for the
 interpreter's forced GIL switches (5 ms each by default). Measured on the 2-core development
 machine by echoing messages between two processes, median (p95): 9 KB messages 44-94 ms
-(0.7-1.7 s) with rclpy's executor against 0.4-0.5 ms (0.7 ms) with this one, which matches
+(0.4-1.7 s) with rclpy's executor against 0.4-0.5 ms (0.7 ms) with this one, which matches
 the SingleThreadedExecutor. ``HandOffExecutor`` waits, with the GIL released, until the pool
 thread has started the callback it was given; from then on the task counts as executing and
 is not found again. Everything else (callback groups, thread count, exceptions raised from

@@ -1,5 +1,5 @@
 """ROS end-to-end overhead of detector_node: image published -> detections received, minus
-the engine's own time for the same batch, for 1 and 4 cameras of 640x480 rgb8.
+the node's own inference time, for 1 and 4 cameras of 640x480 rgb8.
 
     python -m clip_perception.ros.overhead_bench --model DIR [--rounds 40] [--cameras 1 4]
 
