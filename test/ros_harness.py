@@ -65,6 +65,17 @@ class NodeProcess:
         return self.proc.returncode
 
 
+def call_service(client: Any, request: Any, timeout: float) -> Any:
+    """The response to ``request``; fails the test when none arrives within ``timeout``
+    (the probe's executor thread delivers it)."""
+    future = client.call_async(request)
+    deadline = time.monotonic() + timeout
+    while not future.done():
+        assert time.monotonic() < deadline, f"no answer from {client.srv_name} (deadlock?)"
+        time.sleep(0.005)
+    return future.result()
+
+
 class Probe:
     """The test's node: spins in a background thread; collects messages per topic."""
 
@@ -91,12 +102,7 @@ class Probe:
     def call(self, srv_type: type, name: str, request: Any, timeout: float = 60.0) -> Any:
         client = self.node.create_client(srv_type, name)
         assert client.wait_for_service(timeout_sec=timeout), f"service {name} not available"
-        future = client.call_async(request)
-        deadline = time.monotonic() + timeout
-        while not future.done():
-            assert time.monotonic() < deadline, f"no answer from {name}"
-            time.sleep(0.01)
-        return future.result()
+        return call_service(client, request, timeout)
 
     def close(self) -> None:
         self.executor.shutdown()

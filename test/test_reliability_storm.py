@@ -19,7 +19,7 @@ from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from reliability_fixtures import RELIABLE, CameraStreamer, accounted_for, latest_values
-from ros_harness import NodeProcess, Probe, wait_for
+from ros_harness import NodeProcess, Probe, call_service, wait_for
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
@@ -48,12 +48,7 @@ def start(owl_dir: Path, folder: Path, ros_context: Any, topics: list[str]):
 
 
 def call(client: Any, request: Any) -> Any:
-    future = client.call_async(request)
-    deadline = time.monotonic() + CALL_TIMEOUT_S
-    while not future.done():
-        assert time.monotonic() < deadline, f"no answer from {client.srv_name}: deadlock?"
-        time.sleep(0.005)
-    return future.result()
+    return call_service(client, request, CALL_TIMEOUT_S)
 
 
 def queries_parameter(queries: list[str]) -> SetParameters.Request:
