@@ -232,8 +232,10 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     kernel = torch.softmax(-(taps / sigma).pow(2) / 2.0, dim=0)  # normalised exp(-t^2/2s^2)
     channels = x.shape[1]
     x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    horizontal = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1)  # (C, 1, 1, K)
+    vertical = kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1)  # (C, 1, K, 1)
+    x = F.conv2d(x, horizontal, groups=channels)
+    return F.conv2d(x, vertical, groups=channels)
 
 
 def _resize_like_reference(

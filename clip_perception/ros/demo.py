@@ -32,7 +32,7 @@ from sensor_msgs.msg import CompressedImage
 from std_msgs.msg import Header
 
 from clip_perception.annotate import contact_sheet, draw_detections
-from clip_perception.bag_io import DETECTION_ARRAY, BagWriter, read_frames
+from clip_perception.bag_io import DETECTION_ARRAY, BagFrame, BagWriter, read_frames
 from clip_perception.image_messages import compressed_to_rgb
 from clip_perception.metrics import recall_at_iou
 from clip_perception.msg import DetectionArray, Vocabulary
@@ -44,6 +44,7 @@ DEMO_THRESHOLD = 0.1  # recall of the bundled model at 0.1 and 0.05: its MODEL_C
 RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
+Results = dict[int, tuple[DetectionArray, float]]  # frame index -> (message, time received)
 
 
 def start_node(model: str, queries: list[str], folder: Path, log: Path) -> subprocess.Popen:
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     probe = rclpy.create_node("clip_perception_demo")
     executor = SingleThreadedExecutor()
     executor.add_node(probe)
-    results: dict[int, tuple[DetectionArray, float]] = {}
+    results: Results = {}
     vocabularies: list[Vocabulary] = []
     probe.create_subscription(
         DetectionArray, f"{CAMERA}/detections",
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def summarise(frames, truth, results, sent, queries, elapsed) -> dict:
+def summarise(frames: list[BagFrame], truth: list[dict], results: Results,
+              sent: dict[int, float], queries: list[str], elapsed: float) -> dict:
     latencies = [(results[i][1] - sent[i]) * 1e3 for i in results if i in sent]
     per_query = {q: 0 for q in queries}
     for msg, _ in results.values():
@@ -149,7 +151,8 @@ def summarise(frames, truth, results, sent, queries, elapsed) -> dict:
         "recall_per_query": recall.per_query}
 
 
-def write_outputs(out: Path, frames, results, vocabularies) -> None:
+def write_outputs(out: Path, frames: list[BagFrame], results: Results,
+                  vocabularies: list[Vocabulary]) -> None:
     """detections/ (rosbag2 mcap: the vocabulary and every DetectionArray, as published) and
     a contact sheet of every 10th frame with its detections drawn."""
     tiles = []
@@ -168,7 +171,7 @@ def write_outputs(out: Path, frames, results, vocabularies) -> None:
         cv2.imwrite(str(out / "contact_sheet.png"), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
 
 
-def annotated(compressed, msg: DetectionArray) -> np.ndarray:
+def annotated(compressed: object, msg: DetectionArray) -> np.ndarray:
     rgb = compressed_to_rgb(compressed)
     cs = np.array([[d.center_x, d.center_y, d.size_x, d.size_y] for d in msg.detections],
                   dtype=np.float32).reshape(-1, 4)  # (N, 4)

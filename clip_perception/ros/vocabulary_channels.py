@@ -23,6 +23,7 @@ from std_msgs.msg import String
 
 from clip_perception.msg import Vocabulary as VocabularyMsg
 from clip_perception.ros import params as P
+from clip_perception.ros.messages import to_vocabulary
 from clip_perception.srv import SetQueries
 from clip_perception.vocabulary import (
     Vocabulary,
@@ -182,10 +183,10 @@ class VocabularyChannels:
             if vocabulary is None or vocabulary.version != future.result():
                 return  # unreachable while submit_and_announce orders the callbacks
             default = self.default_threshold()
-            self.vocabulary_pub.publish(VocabularyMsg(
-                version=vocabulary.version, queries=list(vocabulary.labels),
-                thresholds=[default if t is None else t for t in vocabulary.thresholds],
-                templates=self.templates_in_effect))
+            self.vocabulary_pub.publish(to_vocabulary(
+                vocabulary.version, list(vocabulary.labels),
+                [default if t is None else t for t in vocabulary.thresholds],
+                self.templates_in_effect))
         warnings = summary(vocabulary.warnings)
         self.get_logger().info(
             f"vocabulary v{vocabulary.version}: {len(vocabulary)} queries"

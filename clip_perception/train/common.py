@@ -124,10 +124,6 @@ class TrainingSummary:
     losses: list[dict[str, float]]  # per step
     recipe: dict[str, Any]
 
-    def final_loss(self, window: int = 50) -> float:
-        tail = self.losses[-window:]
-        return sum(row["loss"] for row in tail) / max(1, len(tail))
-
     def write(self, folder: Path) -> None:
         data = dataclasses.asdict(self)
         (folder / SUMMARY_FILE).write_text(json.dumps(data) + "\n", encoding="utf-8")

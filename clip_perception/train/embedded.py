@@ -1,19 +1,17 @@
 """Build the embedded default models (``models/synthetic-clip``, ``models/synthetic-owl``).
 
 Renders the synthetic training and test sets, trains both stages with the default
-``Recipe``, evaluates, and writes each checkpoint folder with a MODEL_CARD.md. Reproduce with
-``python -m clip_perception.train.embedded --out models --seed 0``.
+``Recipe`` or a recipe JSON, evaluates, and writes each checkpoint folder with its
+recipe.json and a MODEL_CARD.md. Reproduce with ``COMMAND``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import platform
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -33,7 +31,8 @@ from clip_perception.train.recipe import Recipe
 from clip_perception.train.synthetic import DEFAULT_SPLIT
 
 CLIP_NAME, OWL_NAME = "synthetic-clip", "synthetic-owl"
-COMMAND = "python -m clip_perception.train.embedded --out models --seed {seed}"
+COMMAND = ("python -m clip_perception.cli train embedded --recipe models/synthetic-owl/recipe.json"
+           " --out models")
 AIMS = {"seen AP50": 0.80, "unseen AP50": 0.50}
 
 
@@ -54,6 +53,8 @@ def build_embedded_models(out_root: str | Path = "models", seed: int = 0,
         owl_eval = evaluate_owl(owl_dir, Path(tmp) / "test")
     facts = _Facts(recipe, data_seconds, read_summary(clip_dir).seconds,
                    read_summary(owl_dir).seconds)
+    for folder in (clip_dir, owl_dir):  # the card's reproduce command reads it
+        recipe.to_json(folder / "recipe.json")
     (clip_dir / "MODEL_CARD.md").write_text(_clip_card(facts, clip_eval), encoding="utf-8")
     (owl_dir / "MODEL_CARD.md").write_text(_owl_card(facts, owl_eval, clip_eval),
                                            encoding="utf-8")
@@ -90,7 +91,7 @@ half of the objects from unseen pairs.
 ## Reproduce
 
 ```
-{COMMAND.format(seed=r.seed)}
+{COMMAND}
 ```
 
 Deterministic for a given seed, numpy/OpenCV/torch build and thread count. Measured on
@@ -184,8 +185,6 @@ Int8 (CPU dynamic quantisation): {int8}.
 |---|---|---|---|
 {aims}
 
-{NOTES}
-
 Per-category AP50:
 
 {", ".join(f"{k} {v:.2f}" for k, v in e.per_category_ap50.items())}
@@ -195,21 +194,3 @@ Per-category AP50:
 {_clip_table(clip_eval)}
 
 {_common(f)}"""
-
-
-# What was tried towards the aims, written from the experiments behind the defaults.
-NOTES = """## Notes"""
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train the embedded default models.")
-    parser.add_argument("--out", type=Path, default=Path("models"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--recipe", type=Path, help="recipe JSON (default: built-in defaults)")
-    args = parser.parse_args(argv)
-    recipe = Recipe.from_json(args.recipe) if args.recipe else None
-    build_embedded_models(args.out, args.seed, recipe)
-
-
-if __name__ == "__main__":
-    main()
