@@ -1,5 +1,6 @@
 """The bundled model on the bundled bag: offline through the engine (recall of the seen
-queries), and end to end through scripts/demo's program (real detector_node over DDS)."""
+queries against the issue's aim), and end to end through scripts/demo's program (real
+detector_node over DDS)."""
 
 from __future__ import annotations
 
@@ -27,9 +28,17 @@ def ground_truth() -> dict[int, list[tuple]]:
     return {i: [(o["category"], *o["box"]) for o in f["objects"]] for i, f in enumerate(frames)}
 
 
-def test_demo_recall_matches_the_engine_offline(tmp_path):
-    """The demo's recall (what the node published over DDS) equals the recall of the same
-    model run offline on the same frames: nothing is lost or altered on the way."""
+def test_shipped_model_finds_the_bag_objects():
+    """The issue's aim for the bundled model on its bag: recall >= 0.9 at IoU 0.5 for the
+    seen queries at the demo's threshold (0.912 when measured: MODEL_CARD.md), and the
+    unseen pair is found too."""
+    recall = recall_at_iou(ground_truth(), offline_detections(), iou=0.5)
+    assert recall.seen >= 0.9, recall.per_query
+    assert recall.unseen >= 0.9, recall.per_query
+
+
+def offline_detections() -> dict[int, list[tuple]]:
+    """The bundled model through the engine on every bag frame: index -> (label, *xyxy)."""
     detector = load_detector(MODEL, device="cpu", score_threshold=DEMO_THRESHOLD)
     detector.set_queries(QUERIES)
     found = {}
@@ -38,6 +47,13 @@ def test_demo_recall_matches_the_engine_offline(tmp_path):
         found[i] = [(label, *box) for label, box in zip(result.labels, result.boxes.tolist(),
                                                         strict=True)]
     detector.close()
+    return found
+
+
+def test_demo_recall_matches_the_engine_offline(tmp_path):
+    """The demo's recall (what the node published over DDS) equals the recall of the same
+    model run offline on the same frames: nothing is lost or altered on the way."""
+    found = offline_detections()
     summary = run_demo(tmp_path)
     # The latest-frame policy may drop a frame when the machine stalls; compare the frames
     # the node processed (recall counts an unprocessed frame as one with no detections).
