@@ -47,7 +47,8 @@ class NodeProcess:
                                      env=os.environ.copy())
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:  # failure messages read it after stop() too
+            self._log.flush()
         return self.log_path.read_text()
 
     def alive(self) -> bool:

@@ -10,7 +10,9 @@ machine by echoing messages between two processes, median (p95): 9 KB messages 4
 the SingleThreadedExecutor. ``HandOffExecutor`` waits, with the GIL released, until the pool
 thread has started the callback it was given; from then on the task counts as executing and
 is not found again. Everything else (callback groups, thread count, exceptions raised from
-callbacks on the spinning thread) is rclpy's own.
+callbacks on the spinning thread) is rclpy's own. One more difference: a shutdown that races
+the wait set's construction ends the spin instead of raising (a CI run once saw a node's
+SIGINT stop end with that traceback and exit code 1).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from rclpy.executors import (
     ShutdownException,
     TimeoutException,
 )
+from rclpy.impl.implementation_singleton import rclpy_implementation
+
+RCLError = rclpy_implementation.RCLError
 
 
 class HandOffExecutor(MultiThreadedExecutor):
@@ -36,6 +41,13 @@ class HandOffExecutor(MultiThreadedExecutor):
             handler, _, _ = self.wait_for_ready_callbacks(timeout_sec, None, wait_condition)
         except (ExternalShutdownException, ShutdownException, TimeoutException,
                 ConditionReachedException):
+            return
+        except RCLError:
+            # Ctrl-C shuts the context down from rclpy's signal handling while this thread may
+            # be building its wait set, which then fails with "context is not valid". rclpy's
+            # own executor lets that escape as a traceback at shutdown; here it ends the spin.
+            if self._context.ok():
+                raise
             return
         started = threading.Event()
 
