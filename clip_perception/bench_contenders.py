@@ -158,6 +158,8 @@ class FrameResult:
 
 
 Contender = Callable[[Sequence[np.ndarray]], list[FrameResult]]
+# A timed step of the benchmark: (untimed setup, timed call); both get the round number.
+Step = tuple[Callable[[int], object] | None, Callable[[int], object]]
 
 
 def ours_from_detector(detector: OpenVocabDetector) -> Contender:
@@ -174,14 +176,16 @@ def ours_from_detector(detector: OpenVocabDetector) -> Contender:
 
 def ours_contender(
     folder: Path, device: torch.device, precision: str, queries: Sequence[str],
-    threshold: float, compiled: bool = False,
+    threshold: float, compiled: bool = False, cuda_graphs: bool = True,
 ) -> tuple[Contender, OpenVocabDetector]:
     """``load_detector`` + ``set_queries`` once, then ``detect`` per frame batch (text cached).
 
     compiled: wrap the per-frame image path in ``torch.compile`` (opt-in: minutes to compile).
+    cuda_graphs: the detector setting (on CUDA; with ``compiled`` the graphs replay the
+    compiled kernels).
     """
     detector = load_detector(folder, device=device, precision=precision,
-                             score_threshold=threshold)
+                             score_threshold=threshold, cuda_graphs=cuda_graphs)
     detector.set_queries(list(queries))
     if compiled:
         # Instance attribute: only this benchmark detector runs the compiled graph.
@@ -196,7 +200,7 @@ def ours_image_path(detector: OpenVocabDetector) -> Contender:
     def run(frames: Sequence[np.ndarray]) -> list[FrameResult]:
         with torch.inference_mode():
             batch = detector.preprocessor(frames, placement.device, placement.dtype)
-            boxes = detector.owl.image_features(batch.pixel_values).boxes.float().cpu()
+            boxes = detector.image_features(batch.pixel_values).boxes.float().cpu()
         return [FrameResult(b, torch.ones(len(b)), torch.zeros(len(b), dtype=torch.long))
                 for b in boxes]
 
@@ -255,6 +259,62 @@ class TransformersContenders:
             boxes = model.box_predictor(feats, feature_map)  # (B, P, 4)
             outputs = OwlViTObjectDetectionOutput(logits=logits, pred_boxes=boxes)
             return self._results(outputs, frames)
+
+
+def agreement_figures(
+    fp32: dict[int, list[FrameResult]], low: dict[int, list[FrameResult]],
+    reference: dict[int, list[FrameResult]], frame_hw: tuple[int, int],
+) -> dict[str, float]:
+    """Over the timed rounds' frames: the fraction of ours fp32 detections (the top 100 after
+    NMS) that the other result has with the same label at IoU >= 0.9 (matched one to one).
+    Against low precision that is the target; at IoU >= 0.5 it is context; against
+    transformers (its per-patch boxes, clipped to the image like ours) a same-weights check."""
+    height, width = frame_hw
+    upper = torch.tensor([width, height, width, height], dtype=torch.float32)
+    clipped = {r: [FrameResult(torch.minimum(f.boxes.clamp(min=0), upper), f.scores,
+                                  f.labels) for f in frames] for r, frames in reference.items()}
+    pairs = {"low_vs_fp32_top100_iou0.9": (low, 0.9), "low_vs_fp32_top100_iou0.5": (low, 0.5),
+             "fp32_vs_transformers_top100_iou0.9": (clipped, 0.9)}
+    out: dict[str, float] = {}
+    for key, (other, iou) in pairs.items():
+        matched = total = 0
+        for r, results in fp32.items():
+            for ours, theirs in zip(results, other[r], strict=True):
+                m, t = agreement(ours, theirs, iou=iou)
+                matched, total = matched + m, total + t
+        out[key] = matched / max(total, 1)
+    out["boxes_compared"] = sum(len(f.boxes) for results in fp32.values() for f in results)
+    return out
+
+
+def ours_stages(detector: OpenVocabDetector, frames: Sequence[np.ndarray],
+                batch: int) -> dict[str, Step]:
+    """``detect``'s three stages as separate steps on round r's frames (r, r+1, ...): each
+    step's setup runs the stages before it untimed, so each times its own stage alone."""
+    vocabulary = detector.vocabulary
+    assert vocabulary is not None, "set_queries first"
+    state: dict[str, Any] = {}
+
+    def images(r: int) -> list[np.ndarray]:
+        return [frames[(r + i) % len(frames)] for i in range(batch)]
+
+    @torch.inference_mode()
+    def preprocess(r: int) -> None:
+        state["batch"] = detector.preprocess(images(r))
+
+    @torch.inference_mode()
+    def features(r: int) -> None:
+        state["features"] = detector.image_features(state["batch"].pixel_values)
+
+    def decode(r: int) -> object:
+        return detector.decode(state["batch"], state["features"], vocabulary)
+
+    def before_decode(r: int) -> None:
+        preprocess(r)
+        features(r)
+
+    return {"preprocess": (None, preprocess), "image_features": (preprocess, features),
+            "decode": (before_decode, decode)}
 
 
 def agreement(reference: FrameResult, other: FrameResult, iou: float = 0.9) -> tuple[int, int]:

@@ -21,10 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from clip_perception.cuda_graph import GraphedImageFeatures
 from clip_perception.detections import Detections
 from clip_perception.device import Placement, quantize_int8, resolve_placement
 from clip_perception.model import OwlModel, load_owl, load_tokenizer
+from clip_perception.model.owl import OwlImageFeatures
 from clip_perception.model.preprocess import (
+    PreprocessedBatch,
     Preprocessor,
     load_preprocessor,
     pixels_to_input_boxes,
@@ -56,6 +59,8 @@ class DetectorSettings:
         set, ``templates=["{}"]`` asks for the bare queries.
     cache_size: prompt embeddings kept in the LRU cache.
     text_batch_size: prompts per text-encoder call when a vocabulary is encoded.
+    cuda_graphs: on CUDA, replay the image path from CUDA graphs captured per batch size
+        (``cuda_graph.GraphedImageFeatures``); ignored on CPU.
     """
 
     score_threshold: float = 0.1
@@ -66,12 +71,15 @@ class DetectorSettings:
     templates: Templates = None
     cache_size: int = 4096
     text_batch_size: int = 256
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("score_threshold", "nms_iou"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
         for name in ("max_detections", "cache_size", "text_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "max_detections" else 1):
@@ -120,6 +128,7 @@ class OpenVocabDetector:
         self.preprocessor = preprocessor
         self.placement = placement
         self.settings = settings
+        self._graphed = self._graph(settings.cuda_graphs)
         self._store = text_vocabulary_store(
             tokenizer, owl.encode_text, owl.config.context_length, placement.device,
             placement.dtype, model_key, settings.cache_size, settings.text_batch_size)
@@ -182,8 +191,14 @@ class OpenVocabDetector:
         updated = dataclasses.replace(self.settings, **changes)
         if updated.rank_by_objectness and not self.owl.config.is_v2:
             raise ValueError("rank_by_objectness needs an OWLv2 checkpoint (v1 has no objectness)")
+        if updated.cuda_graphs != self.settings.cuda_graphs:
+            self._graphed = self._graph(updated.cuda_graphs)
         self.settings = updated
         return updated
+
+    def _graph(self, cuda_graphs: bool) -> GraphedImageFeatures | None:
+        on_cuda = self.placement.device.type == "cuda"
+        return GraphedImageFeatures(self.owl) if cuda_graphs and on_cuda else None
 
     def _input_region(self, box: Sequence[float], image_size: tuple[int, int]) -> torch.Tensor:
         """Check a pixel xyxy box and map it to normalised xyxy in the model input frame."""
@@ -203,14 +218,30 @@ class OpenVocabDetector:
         )  # (4,)
 
     # ------------------------------------------------------------ inference
+    def image_features(self, pixel_values: torch.Tensor) -> OwlImageFeatures:
+        """The per-frame, query-independent path (CUDA-graphed when so set)."""
+        graphed = self._graphed  # one read: update_settings may swap it meanwhile
+        return self.owl.image_features(pixel_values) if graphed is None else graphed(pixel_values)
+
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """Detections for each image of a batch (one camera each, any sizes), in order."""
         vocabulary = self._store.require()  # one read: the whole batch uses this version
         check_image_batch(images)
+        with torch.inference_mode():
+            batch = self.preprocess(images)
+            return self.decode(batch, self.image_features(batch.pixel_values), vocabulary)
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> PreprocessedBatch:
+        """HxWx3 uint8 images -> the model input on the detector's device and dtype."""
+        return self.preprocessor(images, self.placement.device, self.placement.dtype)
+
+    def decode(
+        self, batch: PreprocessedBatch, features: OwlImageFeatures, vocabulary: Vocabulary
+    ) -> list[Detections]:
+        """The query-dependent end of ``detect``: scores against ``vocabulary``, per-query
+        thresholds, NMS and the cap, boxes mapped back to each image's pixels."""
         settings = self.settings
         with torch.inference_mode():
-            batch = self.preprocessor(images, self.placement.device, self.placement.dtype)
-            features = self.owl.image_features(batch.pixel_values)
             logits = self.owl.class_logits(features, vocabulary.embeddings)  # (B, P, Q)
             objectness = features.objectness_logits if settings.rank_by_objectness else None
             patches = best_query_per_patch(logits, objectness)

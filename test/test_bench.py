@@ -42,7 +42,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)  # the hook the CLI registers the subcommand with
-    args = parser.parse_args(["--quick", "--threads", "2", "--output", str(out)])
+    args = parser.parse_args(["--quick", "--threads", "2", "--peak-tflops", "0.5",
+                              "--output", str(out)])
     printed = io.StringIO()
     previous = torch.get_num_threads()
     try:
@@ -86,6 +87,31 @@ def test_every_figure_is_positive_and_finite(report: dict) -> None:
     bad = {path: value for path, value in figures.items()
            if not (math.isfinite(value) and value > 0)}
     assert not bad, bad
+
+
+def test_peak_fraction_is_flops_over_seconds_over_the_stated_peak(report: dict) -> None:
+    assert report["peak_flops_per_s"] == 0.5e12
+    assert set(report["peak_fraction"]) == CONTENDERS
+    for name, seconds in report["per_frame_s"].items():
+        expected = report["flops_per_frame"][name] / seconds / 0.5e12
+        assert math.isclose(report["peak_fraction"][name], expected, rel_tol=1e-9)
+        assert math.isclose(report["frames_per_s"][name], 1 / seconds, rel_tol=1e-9)
+    assert set(report["batch_scaling_peak_fraction"]) == {"1", "2"}
+
+
+def test_gpu_targets_judge_the_low_precision_contender() -> None:
+    report = {"frames_per_s": {"ours_bf16": 450.0, "ours_fp32": 90.0},
+              "batch_scaling_peak_fraction": {"1": 0.05, "16": 0.25},
+              "config": {"scaling_contender": "ours_bf16"}}
+    targets = bench._targets(report, "ours_bf16", {}, torch.device("cuda"))
+    assert set(targets) == set(bench.GPU_TARGETS)
+    assert targets["ours_low_frames_per_s_batch1"]["met"]
+    assert targets["ours_low_frames_per_s_batch1"]["value"] == 450.0
+    assert not targets["ours_low_batch16_peak_fraction"]["met"]
+    # Scaling rounds that measured fp32 say nothing about bf16 at batch 16.
+    report["config"]["scaling_contender"] = "ours_fp32"
+    assert set(bench._targets(report, "ours_bf16", {}, torch.device("cuda"))) == {
+        "ours_low_frames_per_s_batch1"}
 
 
 def test_same_weights_give_the_reference_boxes(report: dict) -> None:
