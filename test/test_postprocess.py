@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torchvision.ops import batched_nms
 
-from clip_perception.postprocess import PatchScores, best_query_per_patch, select_detections
+from clip_perception.postprocess import (
+    PatchScores,
+    best_query_per_patch,
+    padded_group_nms,
+    select_detections,
+)
 
 
 def _patches(scores: list[float], queries: list[int]) -> PatchScores:
@@ -95,3 +101,20 @@ def test_nms_groups_stay_exact_for_many_queries_and_large_images() -> None:
     assert len(kept.scores) == 3
     (kept,) = select_detections(boxes, patches, thresholds, 0.65, False, 100)
     assert torch.allclose(kept.scores, torch.tensor([0.9, 0.7]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("iou", [0.1, 0.3, 0.7])
+def test_padded_group_nms_is_batched_nms(seed: int, iou: float) -> None:
+    # The CUDA path's NMS, run on the CPU against torchvision: clustered boxes (long chains
+    # of suppression), uneven groups, one group (class-agnostic) and many.
+    gen = torch.Generator().manual_seed(seed)
+    count = 400
+    centres = torch.rand(count, 2, generator=gen) * 200  # (C, 2)
+    sizes = torch.rand(count, 2, generator=gen) * 60 + 5  # (C, 2)
+    boxes = torch.cat([centres - sizes / 2, centres + sizes / 2], dim=1).double()  # (C, 4)
+    scores = torch.rand(count, generator=gen, dtype=torch.float64)
+    for num_groups in (1, 3, 37):
+        groups = torch.randint(0, num_groups, (count,), generator=gen)
+        expected = batched_nms(boxes, scores, groups, iou)
+        assert torch.equal(padded_group_nms(boxes, scores, groups, iou), expected)
