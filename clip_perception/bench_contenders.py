@@ -195,11 +195,9 @@ def ours_contender(
 
 def ours_image_path(detector: OpenVocabDetector) -> Contender:
     """Preprocessing + ``image_features`` only: the part the GEMM fraction is judged on."""
-    placement = detector.placement
-
     def run(frames: Sequence[np.ndarray]) -> list[FrameResult]:
         with torch.inference_mode():
-            batch = detector.preprocessor(frames, placement.device, placement.dtype)
+            batch = detector.preprocess(frames)
             boxes = detector.image_features(batch.pixel_values).boxes.float().cpu()
         return [FrameResult(b, torch.ones(len(b)), torch.zeros(len(b), dtype=torch.long))
                 for b in boxes]
@@ -271,8 +269,8 @@ def agreement_figures(
     transformers (its per-patch boxes, clipped to the image like ours) a same-weights check."""
     height, width = frame_hw
     upper = torch.tensor([width, height, width, height], dtype=torch.float32)
-    clipped = {r: [FrameResult(torch.minimum(f.boxes.clamp(min=0), upper), f.scores,
-                                  f.labels) for f in frames] for r, frames in reference.items()}
+    clipped = {r: [FrameResult(torch.minimum(f.boxes.clamp(min=0), upper), f.scores, f.labels)
+                   for f in frames] for r, frames in reference.items()}
     pairs = {"low_vs_fp32_top100_iou0.9": (low, 0.9), "low_vs_fp32_top100_iou0.5": (low, 0.5),
              "fp32_vs_transformers_top100_iou0.9": (clipped, 0.9)}
     out: dict[str, float] = {}

@@ -40,7 +40,11 @@ class GraphedImageFeatures:
     """``owl.image_features`` on CUDA, captured per input shape and replayed.
 
     Falls back to eager (with one warning naming the cause) if capture fails, e.g. on a driver
-    without graph support: slower, never wrong.
+    without graph support: slower, never wrong. Out of memory is re-raised instead, for the
+    node's split-and-retry (``batching.infer_with_split``) to run smaller batches, each of
+    which then gets its own graph. Each graph keeps the memory of its batch size's activations
+    (its own pool), so memory grows with the number of distinct batch sizes seen: at most the
+    node's cameras per batch.
     """
 
     def __init__(self, owl: OwlModel) -> None:
@@ -85,6 +89,8 @@ class GraphedImageFeatures:
             # thread_local: the vocabulary worker may encode text on its own stream meanwhile.
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 features = self._owl.image_features(pixels)
+        except torch.cuda.OutOfMemoryError:
+            raise  # not a capture problem: the caller's split-and-retry handles it
         except RuntimeError as err:
             self._failed = True
             warnings.warn(f"CUDA graph capture failed, running the image path eagerly: {err}",

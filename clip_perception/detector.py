@@ -25,13 +25,9 @@ from clip_perception.cuda_graph import GraphedImageFeatures
 from clip_perception.detections import Detections
 from clip_perception.device import Placement, quantize_int8, resolve_placement
 from clip_perception.model import OwlModel, load_owl, load_tokenizer
+from clip_perception.model.boxes import pixels_to_input_boxes
 from clip_perception.model.owl import OwlImageFeatures
-from clip_perception.model.preprocess import (
-    PreprocessedBatch,
-    Preprocessor,
-    load_preprocessor,
-    pixels_to_input_boxes,
-)
+from clip_perception.model.preprocess import PreprocessedBatch, Preprocessor, load_preprocessor
 from clip_perception.model.tokenizer import ClipTokenizer
 from clip_perception.postprocess import best_query_per_patch, select_detections
 from clip_perception.vocabulary import (

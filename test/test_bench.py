@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from clip_perception import bench
+from clip_perception import bench, bench_report
 from clip_perception import bench_contenders as bc
 from clip_perception.model import load_owl, load_tokenizer
 
@@ -76,7 +76,7 @@ def test_report_has_every_section(report: dict) -> None:
         "fp32_vs_transformers_top100_iou0.9", "boxes_compared"}
     assert report["config"]["arch"] == "tiny" and report["config"]["low_precision"] == "ours_int8"
     assert report["machine"]["device"] == "cpu" and report["machine"]["threads"] == 2
-    assert set(report["targets"]) == set(bench.TARGETS) - {"queries_1000_vs_1"}
+    assert set(report["targets"]) == set(bench_report.TARGETS) - {"queries_1000_vs_1"}
     for check in report["targets"].values():
         assert set(check) == {"value", "limit", "sense", "met"} and isinstance(check["met"], bool)
 
@@ -103,14 +103,14 @@ def test_gpu_targets_judge_the_low_precision_contender() -> None:
     report = {"frames_per_s": {"ours_bf16": 450.0, "ours_fp32": 90.0},
               "batch_scaling_peak_fraction": {"1": 0.05, "16": 0.25},
               "config": {"scaling_contender": "ours_bf16"}}
-    targets = bench._targets(report, "ours_bf16", {}, torch.device("cuda"))
-    assert set(targets) == set(bench.GPU_TARGETS)
+    targets = bench_report.targets(report, "ours_bf16", {}, torch.device("cuda"))
+    assert set(targets) == set(bench_report.GPU_TARGETS)
     assert targets["ours_low_frames_per_s_batch1"]["met"]
     assert targets["ours_low_frames_per_s_batch1"]["value"] == 450.0
     assert not targets["ours_low_batch16_peak_fraction"]["met"]
     # Scaling rounds that measured fp32 say nothing about bf16 at batch 16.
     report["config"]["scaling_contender"] = "ours_fp32"
-    assert set(bench._targets(report, "ours_bf16", {}, torch.device("cuda"))) == {
+    assert set(bench_report.targets(report, "ours_bf16", {}, torch.device("cuda"))) == {
         "ours_low_frames_per_s_batch1"}
 
 

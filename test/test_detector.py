@@ -17,7 +17,7 @@ from transformers import Owlv2ImageProcessor, OwlViTImageProcessor
 from clip_perception.detections import Detections
 from clip_perception.detector import OpenVocabDetector, load_detector
 from clip_perception.model import load_tokenizer
-from clip_perception.model.preprocess import pixels_to_input_boxes
+from clip_perception.model.boxes import pixels_to_input_boxes
 from clip_perception.vocabulary import NoVocabularyError, VocabularyError
 
 QUERIES = ["cat", "dog", "red car"]

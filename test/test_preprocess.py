@@ -22,14 +22,10 @@ import numpy as np
 import pytest
 import torch
 
+import clip_perception.model.boxes as box_frames
 import clip_perception.model.preprocess as pp
-from clip_perception.model.preprocess import (
-    Mode,
-    Preprocessor,
-    boxes_to_pixels,
-    load_preprocessor,
-    pixels_to_input_boxes,
-)
+from clip_perception.model.boxes import Mode, boxes_to_pixels, pixels_to_input_boxes
+from clip_perception.model.preprocess import Preprocessor, load_preprocessor
 
 transformers = pytest.importorskip("transformers")
 SIZES = [(480, 640), (300, 500), (1000, 200)]
@@ -186,7 +182,7 @@ def test_box_mapping_follows_image_content(mode: Mode, size: tuple[int, int]) ->
     found = torch.tensor([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]).float() / 128
     cxcywh = torch.cat([(found[:2] + found[2:]) / 2, found[2:] - found[:2]]).view(1, 4)
     pixels = batch.boxes_to_pixels(cxcywh.view(1, 1, 4))[0, 0]
-    sx, sy, ox, oy = pp._frame(size, mode, 128, None)
+    sx, sy, ox, oy = box_frames._frame(size, mode, 128, None)
     tolerance = torch.tensor([sx, sy, sx, sy]) / 128 * 1.5  # 1.5 input pixels in source px
     # Only the part inside the model's view can be found (the center crop for "clip").
     visible = torch.tensor(box).float().view(2, 2).clamp(
