@@ -25,7 +25,8 @@ from clip_perception.vocabulary import Vocabulary, VocabularyError
 
 SPECS = P.camera_node_specs(
     "labels", "class labels (string array); setting it swaps the label vocabulary",
-    "CLIP checkpoint folder; empty: the bundled models/synthetic-clip")
+    "CLIP checkpoint folder; empty: the bundled models/synthetic-clip",
+    templates=["clip7"])  # zero-shot classification with the CLIP paper's prompt ensemble
 
 
 class ClassifierNode(PerceptionNode):

@@ -157,8 +157,9 @@ def _not_empty(what: str) -> Check:
 
 
 def camera_node_specs(vocabulary_param: str, vocabulary_description: str,
-                      model_description: str) -> list[ParamSpec]:
-    """Parameters every perception node has: model, placement, cameras, vocabulary input."""
+                      model_description: str, templates: list[str]) -> list[ParamSpec]:
+    """Parameters every perception node has: model, placement, cameras, vocabulary input;
+    ``templates`` is the node's default prompt set."""
     return [
         ParamSpec("model", str, "", model_description, read_only=True),
         ParamSpec("device", str, "auto", "auto (CUDA if present) | cpu | cuda | cuda:N",
@@ -176,7 +177,7 @@ def camera_node_specs(vocabulary_param: str, vocabulary_description: str,
                   "reliability of the camera subscriptions (match the camera driver)",
                   read_only=True, choices=("best_effort", "reliable")),
         ParamSpec(vocabulary_param, str, [], vocabulary_description, array=True),
-        ParamSpec("templates", str, [],
+        ParamSpec("templates", str, templates,
                   "prompt templates: [] = text as is, [clip7] or [clip80] = the CLIP paper's "
                   "ImageNet prompt sets, or prompts that each contain {}", array=True),
         ParamSpec("max_batch", int, 4,
