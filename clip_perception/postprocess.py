@@ -115,6 +115,9 @@ def select_detections(
 
 # Above this many boxes torchvision's ``batched_nms`` on CUDA loops over the groups in Python.
 _CUDA_BATCHED_NMS_MAX_BOXES = 5000
+# Most (group, box, box) IoUs ``padded_group_nms`` may hold: about 4 float64 temporaries of
+# that size are alive at once, so 4M pairs cap it near 130 MB of GPU memory.
+_PADDED_NMS_MAX_PAIRS = 1 << 22
 
 
 def _grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou: float) -> Tensor:
@@ -123,16 +126,21 @@ def _grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou: float) -> T
 
     torchvision's ``batched_nms``, except for many boxes on CUDA: there it loops over the
     groups in Python with a synchronisation each (160 at 16 frames x 10 queries), and its
-    one-call alternative scans a mask over all boxes sequentially in one thread block (5 ms
-    for 16 frames x 576 patches on an H200). ``padded_group_nms`` gives the same result;
-    measured on an H200 (docs/benchmarks.md), it cut the decoding of 16 frames x 576 boxes
-    from 8.1 to 5.0 ms but cost 0.6 ms more than one ``batched_nms`` call at 576 boxes.
+    one-call alternative scans a mask over all boxes sequentially in one thread block (4.8 ms
+    of GPU time for 16 frames x 576 patches on an H200). ``padded_group_nms`` gives the same
+    result; on the H200 (docs/benchmarks.md) it cut the decoding of 16 frames x 576 boxes from
+    8.1-10.0 to 4.9-6.1 ms, but cost 0.6 ms more than one ``batched_nms`` call at 576 boxes.
+    Groups so unequal that its padded IoU tensor would exceed the memory cap keep
+    ``batched_nms``.
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
     boxes, scores = boxes.double(), scores.double()
     if boxes.is_cuda and boxes.shape[0] > _CUDA_BATCHED_NMS_MAX_BOXES:
-        return padded_group_nms(boxes, scores, groups, iou)
+        sizes = torch.bincount(groups)  # (max group + 1,)
+        occupied, widest = torch.stack([(sizes > 0).sum(), sizes.max()]).tolist()  # one sync
+        if occupied * widest * widest <= _PADDED_NMS_MAX_PAIRS:
+            return padded_group_nms(boxes, scores, groups, iou)
     return batched_nms(boxes, scores, groups, iou)
 
 
@@ -160,11 +168,14 @@ def padded_group_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou: float) 
     valid = torch.zeros((len(sizes), width), dtype=torch.bool, device=boxes.device)  # (G, W)
     valid[row, column] = True
 
-    # IoU as torchvision's kernel computes it: no +1 on widths, overlap clamped at 0.
-    low = torch.maximum(padded[:, :, None, :2], padded[:, None, :, :2])  # (G, W, W, 2)
-    high = torch.minimum(padded[:, :, None, 2:], padded[:, None, :, 2:])  # (G, W, W, 2)
-    inter = (high - low).clamp(min=0).prod(dim=-1)  # (G, W, W)
-    area = (padded[..., 2] - padded[..., 0]) * (padded[..., 3] - padded[..., 1])  # (G, W)
+    # IoU as torchvision's kernel computes it (float64 here): no +1 on widths, overlap
+    # clamped at 0, inter / (area_i + area_j - inter).
+    x0, y0, x1, y1 = padded.unbind(-1)  # each (G, W)
+    inter = (torch.minimum(x1[:, :, None], x1[:, None, :])
+             - torch.maximum(x0[:, :, None], x0[:, None, :])).clamp_(min=0)  # (G, W, W)
+    inter *= (torch.minimum(y1[:, :, None], y1[:, None, :])
+              - torch.maximum(y0[:, :, None], y0[:, None, :])).clamp_(min=0)  # (G, W, W)
+    area = (x1 - x0) * (y1 - y0)  # (G, W)
     overlaps = inter / (area[:, :, None] + area[:, None, :] - inter)  # (G, W, W)
     above = torch.ones(width, width, dtype=torch.bool, device=boxes.device).tril(-1)  # j < i
     # suppressors[g, i, j]: box j of group g ranks above box i and overlaps it too much.
