@@ -125,6 +125,7 @@ class OpenVocabDetector:
         self.placement = placement
         self.settings = settings
         self._graphed = self._graph(settings.cuda_graphs)
+        self._limits: tuple[tuple[int, float], torch.Tensor] | None = None
         self._store = text_vocabulary_store(
             tokenizer, owl.encode_text, owl.config.context_length, placement.device,
             placement.dtype, model_key, settings.cache_size, settings.text_batch_size)
@@ -242,9 +243,7 @@ class OpenVocabDetector:
             objectness = features.objectness_logits if settings.rank_by_objectness else None
             patches = best_query_per_patch(logits, objectness)
             boxes = batch.boxes_to_pixels(features.boxes.float())  # (B, P, 4) xyxy pixels
-            limits = torch.tensor(
-                [settings.score_threshold if t is None else t for t in vocabulary.thresholds]
-            )  # (Q,)
+            limits = self._score_limits(vocabulary, settings.score_threshold)  # (Q,)
             selections = select_detections(
                 boxes, patches, limits, settings.nms_iou, settings.class_agnostic_nms,
                 settings.max_detections,
@@ -260,6 +259,17 @@ class OpenVocabDetector:
             )
             for s, size in zip(selections, batch.image_sizes, strict=True)
         ]
+
+    def _score_limits(self, vocabulary: Vocabulary, default: float) -> torch.Tensor:
+        """(Q,) per-query score thresholds on the detector's device: made once per vocabulary
+        version and default threshold, not per frame (on a GPU each is a host-to-device copy)."""
+        key = (vocabulary.version, default)
+        cached = self._limits  # one read: another thread may replace it meanwhile
+        if cached is None or cached[0] != key:
+            values = [default if t is None else t for t in vocabulary.thresholds]
+            cached = (key, torch.tensor(values, dtype=torch.float32, device=self.placement.device))
+            self._limits = cached
+        return cached[1]
 
     def close(self) -> None:
         """Stop the vocabulary worker (pending updates finish first)."""

@@ -116,6 +116,13 @@ def test_per_query_thresholds_override_the_default(checkpoints) -> None:
     detector.set_queries(QUERIES, thresholds=[1.0, 0.0, 1.0])
     for result in detector.detect(_images()):
         assert set(result.labels) == {"dog"} and result.vocabulary_version == 2
+    # The default applies to queries without their own threshold, also after a change of it
+    # between frames (the thresholds are kept per vocabulary version and default).
+    detector.set_queries(QUERIES)
+    assert len(set(detector.detect(_images())[0].labels)) > 1
+    detector.update_settings(score_threshold=1.0)
+    for result in detector.detect(_images()):
+        assert len(result) == 0 and result.vocabulary_version == 3
 
 
 def test_class_agnostic_nms_leaves_no_overlaps_across_labels(checkpoints) -> None:
