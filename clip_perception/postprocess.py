@@ -137,27 +137,31 @@ def _grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou: float) -> T
         return torch.empty(0, dtype=torch.long, device=boxes.device)
     boxes, scores = boxes.double(), scores.double()
     if boxes.is_cuda and boxes.shape[0] > _CUDA_BATCHED_NMS_MAX_BOXES:
-        sizes = torch.bincount(groups)  # (max group + 1,)
-        occupied, widest = torch.stack([(sizes > 0).sum(), sizes.max()]).tolist()  # one sync
-        if occupied * widest * widest <= _PADDED_NMS_MAX_PAIRS:
-            return padded_group_nms(boxes, scores, groups, iou)
+        counts = torch.bincount(groups)  # (max group + 1,)
+        sizes = counts[counts > 0]  # (G,) in ascending group order; one synchronisation
+        if len(sizes) * int(sizes.max()) ** 2 <= _PADDED_NMS_MAX_PAIRS:
+            return padded_group_nms(boxes, scores, groups, iou, sizes)
     return batched_nms(boxes, scores, groups, iou)
 
 
-def padded_group_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou: float) -> Tensor:
+def padded_group_nms(
+    boxes: Tensor, scores: Tensor, groups: Tensor, iou: float, sizes: Tensor | None = None
+) -> Tensor:
     """Greedy NMS within groups, vectorised across groups; the result of ``batched_nms``.
 
-    boxes (C, 4) xyxy, scores (C,), groups (C,) int. Returns kept indices (K,) by descending
-    score. Each group's boxes, best first, fill one row of a (G, W, 4) tensor, so IoUs are
-    computed within groups only (G x W x W, not C x C). Greedy NMS keeps box i iff no kept
-    box ranked above i in its group overlaps it by IoU > ``iou``; that rule, applied to the
+    boxes (C, 4) xyxy, scores (C,), groups (C,) int; sizes (G,): boxes per occupied group in
+    ascending group order, if the caller has counted them. Returns kept indices (K,) by
+    descending score. Each group's boxes, best first, fill one row of a (G, W, 4) tensor, so
+    IoUs are computed within groups only (G x W x W, not C x C). Greedy NMS keeps box i iff no
+    kept box ranked above i in its group overlaps it by IoU > ``iou``; that rule, applied to the
     whole keep mask at once and repeated until nothing changes, settles rank by rank and stops
     at its one fixed point, the greedy answer (typically in 2 to 4 rounds).
     """
     count = boxes.shape[0]
     order = torch.argsort(scores, descending=True, stable=True)  # (C,) best first ...
     order = order[torch.argsort(groups[order], stable=True)]  # (C,) ... within each group
-    _, sizes = torch.unique_consecutive(groups[order], return_counts=True)  # (G,)
+    if sizes is None:
+        _, sizes = torch.unique_consecutive(groups[order], return_counts=True)  # (G,)
     row = torch.repeat_interleave(
         torch.arange(len(sizes), device=boxes.device), sizes, output_size=count
     )  # (C,) group row of each sorted box

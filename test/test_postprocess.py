@@ -118,3 +118,6 @@ def test_padded_group_nms_is_batched_nms(seed: int, iou: float) -> None:
         groups = torch.randint(0, num_groups, (count,), generator=gen)
         expected = batched_nms(boxes, scores, groups, iou)
         assert torch.equal(padded_group_nms(boxes, scores, groups, iou), expected)
+        counts = torch.bincount(groups)  # the caller's count, as _grouped_nms passes it
+        sizes = counts[counts > 0]
+        assert torch.equal(padded_group_nms(boxes, scores, groups, iou, sizes), expected)
