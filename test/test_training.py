@@ -204,7 +204,8 @@ def test_embedded_build_writes_cards_and_its_recipe(tmp_path: pathlib.Path) -> N
     recipe = Recipe.from_dict({
         **_tiny_recipe().to_dict(), "seed": 5,
         "clip": {"optim": {"steps": 3, "batch_size": 8}},
-        "owl": {"optim": {"steps": 3, "batch_size": 2}},
+        "owl": {"optim": {"steps": 3, "batch_size": 2},
+                "rounds": [{"seed": 9, "steps": 2, "lr": 1e-4}]},
         "data": {"width": 128, "height": 96, "train_images": 12, "test_images": 4}})
     build_embedded_models(tmp_path, recipe.seed, recipe)
     for name, loader in (("synthetic-clip", load_clip), ("synthetic-owl", load_owl)):
@@ -215,6 +216,11 @@ def test_embedded_build_writes_cards_and_its_recipe(tmp_path: pathlib.Path) -> N
         loader(folder)
     card = (tmp_path / "synthetic-owl" / "MODEL_CARD.md").read_text()
     assert "| seen AP50 | 0.80 |" in card and "Per-category AP50" in card
+    # The shipped detector is the last round's: its own seed, steps and rate, from stage 2.
+    last = read_summary(tmp_path / "synthetic-owl")
+    assert len(last.losses) == 2 and last.recipe["seed"] == 9
+    assert last.recipe["owl"]["optim"]["lr"] == 1e-4 and last.recipe["owl"]["rounds"] == []
+    assert pathlib.Path(last.init).name == "owl-0"
 
 
 # ------------------------------------------------------------------ shipped models

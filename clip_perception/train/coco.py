@@ -15,7 +15,6 @@ zero-size boxes are skipped, as detectors do not train on them. Anything malform
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -195,20 +194,3 @@ def load_coco(path: str | Path, image_dir: str | Path | None = None) -> CocoData
               for iid, (name, w, h) in files.items()]
     return CocoDataset(file, images, [categories[c] for c in sorted(categories)])
 
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m clip_perception.train.coco OUT_DIR --n 1000 --size 224 --split train``."""
-    parser = argparse.ArgumentParser(description="Write a synthetic COCO dataset.")
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--n", type=int, default=1000, help="number of images")
-    parser.add_argument("--size", type=int, nargs="+", default=[224],
-                        help="square side, or width height")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split", choices=["train", "val", "test"], default="train")
-    args = parser.parse_args(argv)
-    size = args.size[0] if len(args.size) == 1 else (args.size[0], args.size[1])
-    print(write_synthetic_coco(args.out_dir, args.n, size, args.seed, args.split))
-
-
-if __name__ == "__main__":
-    main()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -48,11 +49,17 @@ def build_embedded_models(out_root: str | Path = "models", seed: int = 0,
         write_synthetic_coco(Path(tmp) / "test", recipe.data.test_images, size, seed, "test")
         data_seconds = time.perf_counter() - tic
         clip_dir = train_clip(recipe, Path(tmp) / "train", root / CLIP_NAME)
-        owl_dir = train_owl(recipe, Path(tmp) / "train", clip_dir, root / OWL_NAME)
+        owl_runs = [train_owl(recipe, Path(tmp) / "train", clip_dir, Path(tmp) / "owl-0")]
+        for k, owl_round in enumerate(recipe.owl.rounds, start=1):
+            owl_runs.append(train_owl(recipe.for_round(owl_round), Path(tmp) / "train",
+                                      owl_runs[-1], Path(tmp) / f"owl-{k}"))
+        owl_dir = root / OWL_NAME
+        shutil.rmtree(owl_dir, ignore_errors=True)
+        shutil.copytree(owl_runs[-1], owl_dir)
+        owl_seconds = [read_summary(run).seconds for run in owl_runs]
         clip_eval = evaluate_clip(clip_dir, Path(tmp) / "test")
         owl_eval = evaluate_owl(owl_dir, Path(tmp) / "test")
-    facts = _Facts(recipe, data_seconds, read_summary(clip_dir).seconds,
-                   read_summary(owl_dir).seconds)
+    facts = _Facts(recipe, data_seconds, read_summary(clip_dir).seconds, owl_seconds)
     for folder in (clip_dir, owl_dir):  # the card's reproduce command reads it
         recipe.to_json(folder / "recipe.json")
     (clip_dir / "MODEL_CARD.md").write_text(_clip_card(facts, clip_eval), encoding="utf-8")
@@ -65,7 +72,7 @@ class _Facts:
     recipe: Recipe
     data_seconds: float
     clip_seconds: float
-    owl_seconds: float
+    owl_seconds: list[float]  # stage 2's first schedule, then each round
 
 
 def _size_mb(folder: Path) -> float:
@@ -97,7 +104,8 @@ half of the objects from unseen pairs.
 Deterministic for a given seed, numpy/OpenCV/torch build and thread count. Measured on
 {platform.machine()} with {r.num_threads} CPU threads (torch {torch.__version__}, shared with
 other jobs, so times are upper bounds): data rendering {f.data_seconds / 60:.1f} min, CLIP
-stage {f.clip_seconds / 60:.1f} min, OWL stage {f.owl_seconds / 60:.1f} min.
+stage {f.clip_seconds / 60:.1f} min, OWL stage {sum(f.owl_seconds) / 60:.1f} min
+({" + ".join(f"{s / 60:.1f}" for s in f.owl_seconds)} min: the first schedule and each round).
 
 ## Recipe
 
@@ -113,6 +121,15 @@ def _clip_table(e: ClipEvaluation) -> str:
     return ("| prompts | top-1 all | seen | unseen |\n|---|---|---|---|\n" + rows)
 
 
+_CAPTIONS = {
+    "uniform": "Captions: a random CLIP prompt template per crop, whatever the crop shows.",
+    "conditioned": ("Captions: a CLIP prompt template naming a condition the crop meets "
+                    "(dark, bright, blurry, hard to see, small, large, close-up; "
+                    "`clip_perception.train.captions`), so that prompt ensembling has "
+                    "something to average."),
+}
+
+
 def _clip_card(f: _Facts, e: ClipEvaluation) -> str:
     folder = Path(e.model)
     return f"""# synthetic-clip
@@ -120,7 +137,7 @@ def _clip_card(f: _Facts, e: ClipEvaluation) -> str:
 A small CLIP (ViT image tower, causal text tower, CLIPModel layout) trained from scratch by
 contrastive pre-training on object crops of synthetic scenes. Stage 1 of the embedded default
 models; its towers initialise `synthetic-owl`. It only knows coloured shapes: a working demo
-and test model, not a general classifier.
+and test model, not a general classifier. {_CAPTIONS[f.recipe.clip.captions]}
 
 - Input {f.recipe.shape.clip_image_size}x{f.recipe.shape.clip_image_size}, patch
   {f.recipe.shape.patch_size}; weights stored as {f.recipe.save_dtype}
@@ -140,6 +157,13 @@ the object). "name": the bare category name; "single": CLIP's "a photo of a {{}}
 {_common(f)}"""
 
 
+def _rounds(recipe: Recipe) -> str:
+    if not recipe.owl.rounds:
+        return ""
+    runs = ", ".join(f"{r.steps} steps at lr {r.lr:g} (seed {r.seed})" for r in recipe.owl.rounds)
+    return f"; then stage 2 again from its own weights with a fresh schedule: {runs}"
+
+
 def _owl_card(f: _Facts, e: OwlEvaluation, clip_eval: ClipEvaluation) -> str:
     folder = Path(e.model)
     s = f.recipe.shape
@@ -156,8 +180,9 @@ An OWL-ViT (v1 architecture, `OwlViTForObjectDetection` layout) open-vocabulary 
 trained here from scratch: stage 1 is `synthetic-clip` (contrastive pre-training), stage 2
 adds OWL-ViT's class and box heads on the patch tokens and trains on boxes with Hungarian
 matching (focal class loss against the category-name embeddings, L1 + GIoU boxes), text
-tower frozen. It detects coloured shapes given as text queries ("red circle", "blue star")
-including colour-shape pairs it never saw in training. Demo and test model only.
+tower frozen{_rounds(f.recipe)}. It detects coloured shapes given as text queries ("red
+circle", "blue star") including colour-shape pairs it never saw in training. Demo and test
+model only.
 
 - Input {s.image_size}x{s.image_size} (frames are stretched to it, as OWL-ViT does), patch
   {s.patch_size} ({s.image_size // s.patch_size}x{s.image_size // s.patch_size} boxes per

@@ -79,8 +79,14 @@ class ClipRecipe:
     context: tuple[float, float] = (1.5, 5.0)
     center_jitter: float = 0.15  # max shift of the crop centre, in object sides
     hflip: float = 0.5
-    templates: str = "clip80"  # captions: a random template of this set per crop, or ...
+    templates: str = "clip80"  # captions: a template of this set per crop, or ...
     bare_name: float = 0.3  # ... with this probability the bare name, as detection queries are
+    # How a caption's template is chosen: "uniform", any template whatever the crop (the
+    # first synthetic-clip), or "conditioned", one naming a condition the crop meets (dark,
+    # small, blurry, close-up ...; train/captions.py), which only the clip80 set supports.
+    captions: str = "uniform"
+    condition_tail: float = 0.2  # conditioned: fraction of crops at each end that meet one
+    style_captions: float = 0.2  # conditioned: probability of a style template ("a tattoo of")
     # Probability that a caption names one word of a multi-word category only ("red" or
     # "triangle" for "red triangle"; positive for every crop with that word). For
     # attribute-noun names like the synthetic ones: it makes both towers represent colour and
@@ -92,6 +98,18 @@ class ClipRecipe:
     @property
     def init_log_logit_scale(self) -> float:
         return math.log(1.0 / self.init_temperature)
+
+
+@dataclass(frozen=True)
+class OwlRound:
+    """One more stage-2 run from the previous run's weights, with its own seed (new crops,
+    batches and queries) and its own warm-up + cosine schedule of ``steps`` peaking at
+    ``lr``; everything else is the ``OwlRecipe``'s. Restarting at a lower rate is how the
+    shipped detector got past its AP50 aim (models/synthetic-owl/MODEL_CARD.md)."""
+
+    seed: int
+    steps: int
+    lr: float
 
 
 @dataclass(frozen=True)
@@ -112,6 +130,12 @@ class OwlRecipe:
     # Class-head initialisation: logits start at the focal-loss prior, log(p / (1 - p)).
     prior_prob: float = 0.01
     init_logit_scale: float = 10.0
+    rounds: tuple[OwlRound, ...] = ()  # run in order after the first schedule
+
+    def __post_init__(self) -> None:
+        # JSON gives the rounds as dicts.
+        rounds = tuple(r if isinstance(r, OwlRound) else OwlRound(**r) for r in self.rounds)
+        object.__setattr__(self, "rounds", rounds)
 
 
 @dataclass(frozen=True)
@@ -133,6 +157,12 @@ class Recipe:
     clip: ClipRecipe = field(default_factory=ClipRecipe)
     owl: OwlRecipe = field(default_factory=OwlRecipe)
     data: DataRecipe = field(default_factory=DataRecipe)
+
+    def for_round(self, owl_round: OwlRound) -> Recipe:
+        """This recipe as one stage-2 run of ``owl_round``, without further rounds."""
+        optim = dataclasses.replace(self.owl.optim, steps=owl_round.steps, lr=owl_round.lr)
+        owl = dataclasses.replace(self.owl, optim=optim, rounds=())
+        return dataclasses.replace(self, seed=owl_round.seed, owl=owl)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
