@@ -288,6 +288,10 @@ def _eval_clip(args: argparse.Namespace) -> int:
     print(format_table(["prompts", "all", "seen", "unseen"], [
         [r.prompts, f"{r.top1:.3f}", f"{r.seen:.3f}",
          "n/a" if r.unseen is None else f"{r.unseen:.3f}"] for r in result.results]))
+    v = result.variance
+    print(f"text embeddings over {v.templates} x categories: template {v.template:.1%}, "
+          f"category {v.category:.1%}, interaction {v.interaction:.1%} of the variance "
+          "(only the interaction lets prompt ensembling change a prediction)")
     if args.json is not None:
         write_json(args.json, dataclasses.asdict(result))
     return 0

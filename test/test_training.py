@@ -19,7 +19,7 @@ from clip_perception.train.clip_stage import train_clip
 from clip_perception.train.coco import write_synthetic_coco
 from clip_perception.train.common import read_summary
 from clip_perception.train.embedded import build_embedded_models
-from clip_perception.train.evaluate import evaluate_clip, evaluate_owl
+from clip_perception.train.evaluate import evaluate_clip, evaluate_owl, variance_shares
 from clip_perception.train.losses import (
     BoxTargets,
     contrastive_loss,
@@ -187,6 +187,24 @@ def test_short_run_writes_loadable_folders(tiny_run: dict[str, pathlib.Path]) ->
     assert 0.0 <= evaluation.seen.ap50 <= 1.0 and evaluation.int8 is not None
     accuracy = evaluate_clip(tiny_run["clip"], tiny_run["root"] / "test")
     assert [r.prompts for r in accuracy.results] == ["name", "single", "clip7", "clip80"]
+    v = accuracy.variance
+    assert v.templates == "clip80" and min(v.template, v.category, v.interaction) >= 0.0
+    assert math.isclose(v.template + v.category + v.interaction, 1.0, rel_tol=1e-4)
+
+
+def test_variance_shares_separate_template_category_and_interaction() -> None:
+    gen = torch.Generator().manual_seed(0)
+    template, category = torch.randn(5, 1, 8, generator=gen), torch.randn(1, 7, 8, generator=gen)
+    additive = template + category  # (T, K, D): every template ranks categories alike
+    t, c, i = variance_shares(additive)
+    assert i < 1e-10 and math.isclose(t + c, 1.0, rel_tol=1e-6)
+    assert math.isclose(t / c, float(template.var(dim=0, correction=0).sum()
+                                 / category.var(dim=1, correction=0).sum()),
+                        rel_tol=1e-4)
+    only_interaction = torch.randn(5, 7, 8, generator=gen)
+    only_interaction -= only_interaction.mean(0, keepdim=True)  # no category part
+    only_interaction -= only_interaction.mean(1, keepdim=True)  # no template part
+    assert math.isclose(variance_shares(only_interaction)[2], 1.0, rel_tol=1e-5)
 
 
 def test_owl_fine_tunes_from_an_owl_checkpoint(tiny_run: dict[str, pathlib.Path]) -> None:

@@ -9,6 +9,7 @@ precision, then is clipped to the image.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -46,6 +47,20 @@ def _frame(
     raise ValueError(f"unknown mode {mode!r}; expected 'stretch', 'pad' or 'clip'")
 
 
+@functools.lru_cache(maxsize=64)
+def _frame_table(
+    sizes: tuple[tuple[int, int], ...], mode: Mode, input_size: int | None,
+    shortest_edge: int | None, dtype: torch.dtype, device: torch.device,
+) -> torch.Tensor:
+    """(B, 3, 4) scale, offset and upper bound per image. Cached: a camera's frame size rarely
+    changes, and on a GPU a new table is a host-to-device copy per batch. Read only."""
+    rows = []
+    for h, w in sizes:
+        sx, sy, ox, oy = _frame((h, w), mode, input_size, shortest_edge)
+        rows.append([[sx, sy, sx, sy], [ox, oy, ox, oy], [w, h, w, h]])
+    return torch.tensor(rows, dtype=dtype, device=device)  # (B, 3, 4)
+
+
 def _frame_tensor(
     boxes: torch.Tensor,
     image_size: tuple[int, int] | Sequence[tuple[int, int]],
@@ -58,11 +73,8 @@ def _frame_tensor(
     sizes = [image_size] if single else list(image_size)
     if len(sizes) > 1 and (boxes.dim() != 3 or boxes.shape[0] != len(sizes)):
         raise ValueError(f"{len(sizes)} image sizes need boxes shaped (B={len(sizes)}, P, 4)")
-    rows = []
-    for h, w in sizes:
-        sx, sy, ox, oy = _frame((int(h), int(w)), mode, input_size, shortest_edge)
-        rows.append([[sx, sy, sx, sy], [ox, oy, ox, oy], [w, h, w, h]])
-    table = torch.tensor(rows, dtype=boxes.dtype, device=boxes.device)  # (B, 3, 4)
+    key = tuple((int(h), int(w)) for h, w in sizes)
+    table = _frame_table(key, mode, input_size, shortest_edge, boxes.dtype, boxes.device)
     if boxes.dim() == 3:
         scale, offset, upper = table.unsqueeze(2).unbind(1)  # each (B, 1, 4)
     else:

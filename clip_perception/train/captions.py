@@ -48,6 +48,7 @@ PLAIN_TEMPLATES: tuple[str, ...] = (
     "a photo of a clean {}.", "a photo of the clean {}.", "a photo of one {}.", "itap of a {}.",
     "itap of the {}.", "a photo of my {}.", "itap of my {}.", "a photo of a nice {}.",
     "a photo of the nice {}.")
+TEMPLATE_CONDITION = {t: name for name, (_, _, ts) in CONDITIONS.items() for t in ts}
 _NAMED = {t for _, _, templates in CONDITIONS.values() for t in templates} | set(PLAIN_TEMPLATES)
 STYLE_TEMPLATES: tuple[str, ...] = tuple(t for t in CLIP80 if t not in _NAMED)
 assert set(CLIP80) >= _NAMED, "condition templates are CLIP80's own"
@@ -113,3 +114,31 @@ class ConditionedCaptions:
                 choices = PLAIN_TEMPLATES
             out.append(choices[rng.integers(len(choices))])
         return out
+
+
+class SubjectWording:
+    """Templates whose use depends on the subject, as web captions' wording does.
+
+    Every (template, word) pair gets a log-weight drawn from N(0, ``spread``^2); a category
+    picks template t with probability proportional to exp(sum of its words' log-weights for
+    t). A contrastive model learns that co-occurrence, so one template alone favours the
+    categories it usually went with, and averaging many templates (prompt ensembling) cancels
+    those preferences. Per word, so unseen colour-shape pairs inherit their words' habits.
+    """
+
+    def __init__(self, templates: tuple[str, ...], names: list[str], spread: float,
+                 rng: np.random.Generator) -> None:
+        assert spread >= 0.0
+        self.templates = templates
+        words = sorted({word for name in names for word in name.split()})
+        log_weight = rng.normal(0.0, spread, (len(templates), len(words)))  # (T, W)
+        columns = [[words.index(w) for w in name.split()] for name in names]
+        logits = np.stack([log_weight[:, c].sum(axis=1) for c in columns])  # (K, T)
+        logits -= logits.max(axis=1, keepdims=True)
+        self.probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)  # (K, T)
+
+    def draw(self, labels: np.ndarray, rng: np.random.Generator) -> list[str]:
+        """One template per category index in ``labels`` (n,)."""
+        cumulative = np.cumsum(self.probs[labels], axis=1)  # (n, T)
+        picks = (rng.random((len(labels), 1)) > cumulative).sum(axis=1)  # (n,)
+        return [self.templates[min(p, len(self.templates) - 1)] for p in picks]

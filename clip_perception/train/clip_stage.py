@@ -25,7 +25,13 @@ from clip_perception.model import ClipModel, load_clip, load_tokenizer
 from clip_perception.model.tokenizer import ClipTokenizer
 from clip_perception.templates import NAMED_TEMPLATES
 from clip_perception.train.bpe import train_tokenizer
-from clip_perception.train.captions import ConditionedCaptions, CropLooks, look_at
+from clip_perception.train.captions import (
+    TEMPLATE_CONDITION,
+    ConditionedCaptions,
+    CropLooks,
+    SubjectWording,
+    look_at,
+)
 from clip_perception.train.coco import load_coco
 from clip_perception.train.common import (
     TrainingSummary,
@@ -70,8 +76,13 @@ class WindowSampler:
             sample = self.look(*self.draw(CALIBRATION_WINDOWS))
             self.conditioned = ConditionedCaptions(sample, cfg.condition_tail,
                                                    cfg.style_captions)
-        elif cfg.captions != "uniform":
-            raise ValueError(f"captions must be 'uniform' or 'conditioned', not {cfg.captions!r}")
+        self.wording: SubjectWording | None = None
+        if cfg.captions == "subject":
+            self.wording = SubjectWording(self.templates[1:], bank.names, cfg.wording_spread,
+                                          rng)
+        elif cfg.captions not in ("uniform", "conditioned"):
+            raise ValueError("captions must be 'uniform', 'conditioned' or 'subject', "
+                             f"not {cfg.captions!r}")
 
     def regions(self, boxes: torch.Tensor) -> torch.Tensor:
         """(n, 4) xyxy square windows around ``boxes`` (n, 4): log-uniform context, capped at
@@ -112,12 +123,15 @@ class WindowSampler:
         detector_px = self.image_size / self.max_window  # the detector's input side
         return look_at(denormalize(pixels), side * detector_px, side / window)
 
-    def templates_for(self, looks: CropLooks | None, n: int) -> list[str]:
+    def templates_for(self, looks: CropLooks | None, labels: torch.Tensor) -> list[str]:
         """A template per crop: the bare name with probability ``bare_name``, else a
-        conditioned or a uniformly drawn one."""
+        conditioned, a subject-worded or a uniformly drawn one."""
+        n = len(labels)
         bare = self.rng.random(n) < self.cfg.bare_name
         if self.conditioned is not None and looks is not None:
             drawn = self.conditioned.templates(looks, self.rng)
+        elif self.wording is not None:
+            drawn = self.wording.draw(labels.numpy(), self.rng)
         else:
             drawn = [self.templates[t] for t in self.rng.integers(1, len(self.templates), n)]
         return [self.templates[0] if b else t for b, t in zip(bare, drawn, strict=True)]
@@ -129,11 +143,16 @@ class WindowSampler:
         looks = self.look(idx, windows, pixels) if self.conditioned is not None else None
         labels = self.labels[idx]
         subjects = self.subjects(labels)
-        captions = [t.format(subject)
-                    for t, subject in zip(self.templates_for(looks, n), subjects, strict=True)]
+        templates = self.templates_for(looks, labels)
+        captions = [t.format(subject) for t, subject in zip(templates, subjects, strict=True)]
         words = [set(self.bank.names[int(c)].split()) for c in labels]
         positives = torch.tensor([[set(subject.split()) <= image for subject in subjects]
                                   for image in words])  # (n, n)
+        if self.conditioned is not None and looks is not None:
+            claims = [TEMPLATE_CONDITION.get(t) for t in templates]
+            met = [set(m) for m in self.conditioned.conditions(looks)]
+            honest = torch.tensor([[c is None or c in m for c in claims] for m in met])  # (n, n)
+            positives &= honest
         return pixels, self.tokenizer(captions), positives
 
 

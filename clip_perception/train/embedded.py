@@ -118,7 +118,12 @@ stage {f.clip_seconds / 60:.1f} min, OWL stage {sum(f.owl_seconds) / 60:.1f} min
 def _clip_table(e: ClipEvaluation) -> str:
     rows = "\n".join(f"| {a.prompts} | {a.top1:.3f} | {a.seen:.3f} | "
                      f"{'n/a' if a.unseen is None else f'{a.unseen:.3f}'} |" for a in e.results)
-    return ("| prompts | top-1 all | seen | unseen |\n|---|---|---|---|\n" + rows)
+    v = e.variance
+    return ("| prompts | top-1 all | seen | unseen |\n|---|---|---|---|\n" + rows + "\n\n"
+            f"Text embeddings of every {v.templates} template x category: the template explains "
+            f"{v.template:.1%} of their variance, the category {v.category:.1%}, the "
+            f"interaction {v.interaction:.1%}; only the interaction lets ensembling change a "
+            "prediction (`evaluate.PromptVariance`).")
 
 
 _CAPTIONS = {

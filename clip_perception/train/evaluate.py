@@ -23,6 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_iou
@@ -30,8 +31,9 @@ from torchvision.ops import box_iou
 from clip_perception.classifier import load_classifier
 from clip_perception.detections import Detections
 from clip_perception.detector import load_detector
+from clip_perception.model import load_clip, load_tokenizer
 from clip_perception.train.coco import CocoDataset, load_coco
-from clip_perception.vocabulary import Templates
+from clip_perception.vocabulary import Templates, resolve_templates
 
 # Prompt settings compared in zero-shot classification: (name, templates).
 PROMPT_SETTINGS: tuple[tuple[str, Templates], ...] = (
@@ -79,11 +81,29 @@ class ZeroShotAccuracy:
 
 
 @dataclass(frozen=True)
+class PromptVariance:
+    """Where the text embeddings of every (template, category) pair of a prompt set differ:
+    shares of their total squared deviation from the mean that the template alone, the
+    category alone and the two together (the interaction) explain, as in a two-way ANOVA.
+
+    A template's own part shifts every category alike and cannot change a prediction; only
+    the interaction can, and it is what averaging the templates (ensembling) removes. When it
+    is near 0 every template ranks the categories alike, so ensembling has nothing to gain.
+    """
+
+    templates: str
+    template: float
+    category: float
+    interaction: float
+
+
+@dataclass(frozen=True)
 class ClipEvaluation:
     model: str
     data: str
     crops: int
     results: list[ZeroShotAccuracy]
+    variance: PromptVariance
 
     def accuracy(self, prompts: str) -> ZeroShotAccuracy:
         return next(r for r in self.results if r.prompts == prompts)
@@ -220,4 +240,31 @@ def evaluate_clip(
                 float(correct[is_unseen].mean()) if is_unseen.any() else None))
     finally:
         classifier.close()
-    return ClipEvaluation(str(model_dir), str(data_dir), len(crops), results)
+    variance = prompt_variance(model_dir, dataset.categories)
+    return ClipEvaluation(str(model_dir), str(data_dir), len(crops), results, variance)
+
+
+@torch.no_grad()
+def prompt_variance(model_dir: str | Path, names: Sequence[str], templates: str = "clip80"
+                    ) -> PromptVariance:
+    """The ``PromptVariance`` of a CLIP checkpoint's text tower over ``templates`` x ``names``,
+    on unit-length embeddings as the classifier uses them."""
+    model, tokenize = load_clip(model_dir), load_tokenizer(model_dir)
+    prompts = resolve_templates(templates)
+    rows = [F.normalize(model.encode_text(tokenize([t.format(n) for n in names])).float(), dim=-1)
+            for t in prompts]
+    return PromptVariance(templates, *variance_shares(torch.stack(rows)))  # (T, K, D)
+
+
+def variance_shares(embeddings: torch.Tensor) -> tuple[float, float, float]:
+    """(template, category, interaction) shares of the squared deviation of ``embeddings``
+    (T, K, D) from their mean; they sum to 1 (the three parts are orthogonal)."""
+    num_templates, num_categories = embeddings.shape[:2]
+    mean = embeddings.mean(dim=(0, 1), keepdim=True)  # (1, 1, D)
+    template = embeddings.mean(dim=1, keepdim=True) - mean  # (T, 1, D)
+    category = embeddings.mean(dim=0, keepdim=True) - mean  # (1, K, D)
+    interaction = embeddings - mean - template - category  # (T, K, D)
+    total = float((embeddings - mean).pow(2).sum())
+    return (float(template.pow(2).sum()) * num_categories / total,
+            float(category.pow(2).sum()) * num_templates / total,
+            float(interaction.pow(2).sum()) / total)

@@ -87,6 +87,7 @@ class ClipRecipe:
     captions: str = "uniform"
     condition_tail: float = 0.2  # conditioned: fraction of crops at each end that meet one
     style_captions: float = 0.2  # conditioned: probability of a style template ("a tattoo of")
+    wording_spread: float = 1.0  # subject: std of the per-(template, word) log-weights
     # Probability that a caption names one word of a multi-word category only ("red" or
     # "triangle" for "red triangle"; positive for every crop with that word). For
     # attribute-noun names like the synthetic ones: it makes both towers represent colour and
