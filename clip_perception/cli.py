@@ -289,8 +289,8 @@ def _eval_clip(args: argparse.Namespace) -> int:
         [r.prompts, f"{r.top1:.3f}", f"{r.seen:.3f}",
          "n/a" if r.unseen is None else f"{r.unseen:.3f}"] for r in result.results]))
     v = result.variance
-    print(f"text embeddings over {v.templates} x categories: template {v.template:.1%}, "
-          f"category {v.category:.1%}, interaction {v.interaction:.1%} of the variance "
+    print(f"text embeddings over {v.templates} x categories: template {v.template:.2%}, "
+          f"category {v.category:.2%}, interaction {v.interaction:.2%} of the variance "
           "(only the interaction lets prompt ensembling change a prediction)")
     if args.json is not None:
         write_json(args.json, dataclasses.asdict(result))

@@ -25,13 +25,6 @@ from clip_perception.model import ClipModel, load_clip, load_tokenizer
 from clip_perception.model.tokenizer import ClipTokenizer
 from clip_perception.templates import NAMED_TEMPLATES
 from clip_perception.train.bpe import train_tokenizer
-from clip_perception.train.captions import (
-    TEMPLATE_CONDITION,
-    ConditionedCaptions,
-    CropLooks,
-    SubjectWording,
-    look_at,
-)
 from clip_perception.train.coco import load_coco
 from clip_perception.train.common import (
     TrainingSummary,
@@ -42,11 +35,9 @@ from clip_perception.train.common import (
     save_checkpoint,
     training_session,
 )
-from clip_perception.train.frames import FrameBank, build_frame_bank, crop_resize, denormalize
+from clip_perception.train.frames import FrameBank, build_frame_bank, crop_resize
 from clip_perception.train.losses import contrastive_loss
 from clip_perception.train.recipe import ClipRecipe, Recipe
-
-CALIBRATION_WINDOWS = 4096  # windows measured to fit the conditions' cut points
 
 
 def caption_templates(cfg: ClipRecipe) -> tuple[str, ...]:
@@ -68,21 +59,6 @@ class WindowSampler:
         self.image_size, self.max_window, self.rng = image_size, max_window, rng
         self.frame, self.boxes, self.labels = bank.objects()  # (M,), (M, 4), (M,)
         self.templates = caption_templates(cfg)
-        self.conditioned: ConditionedCaptions | None = None
-        if cfg.captions == "conditioned":
-            if cfg.templates != "clip80":
-                raise ValueError("conditioned captions need the clip80 templates, "
-                                 f"not {cfg.templates!r}")
-            sample = self.look(*self.draw(CALIBRATION_WINDOWS))
-            self.conditioned = ConditionedCaptions(sample, cfg.condition_tail,
-                                                   cfg.style_captions)
-        self.wording: SubjectWording | None = None
-        if cfg.captions == "subject":
-            self.wording = SubjectWording(self.templates[1:], bank.names, cfg.wording_spread,
-                                          rng)
-        elif cfg.captions not in ("uniform", "conditioned"):
-            raise ValueError("captions must be 'uniform', 'conditioned' or 'subject', "
-                             f"not {cfg.captions!r}")
 
     def regions(self, boxes: torch.Tensor) -> torch.Tensor:
         """(n, 4) xyxy square windows around ``boxes`` (n, 4): log-uniform context, capped at
@@ -106,53 +82,22 @@ class WindowSampler:
             out.append(words[self.rng.integers(len(words))] if part and len(words) > 1 else name)
         return out
 
-    def draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """n random objects: indices (n,), their windows (n, 4) and crops (n, 3, S, S)."""
-        idx = torch.from_numpy(self.rng.integers(len(self.labels), size=n))
-        flip = torch.from_numpy(self.rng.random(n) < self.cfg.hflip)
-        frames = self.bank.frames[self.frame[idx]]  # (n, 3, C, C)
-        windows = self.regions(self.boxes[idx])  # (n, 4)
-        return idx, windows, crop_resize(frames, windows, self.image_size, flip)
-
-    def look(self, idx: torch.Tensor, windows: torch.Tensor, pixels: torch.Tensor
-              ) -> CropLooks:
-        """How the crops ``pixels`` of objects ``idx`` in ``windows`` look."""
-        boxes = self.boxes[idx]  # (n, 4)
-        side = (boxes[:, 2:] - boxes[:, :2]).amax(dim=1)  # (n,) in frame units
-        window = (windows[:, 2] - windows[:, 0]).float()  # (n,) square windows
-        detector_px = self.image_size / self.max_window  # the detector's input side
-        return look_at(denormalize(pixels), side * detector_px, side / window)
-
-    def templates_for(self, looks: CropLooks | None, labels: torch.Tensor) -> list[str]:
-        """A template per crop: the bare name with probability ``bare_name``, else a
-        conditioned, a subject-worded or a uniformly drawn one."""
-        n = len(labels)
-        bare = self.rng.random(n) < self.cfg.bare_name
-        if self.conditioned is not None and looks is not None:
-            drawn = self.conditioned.templates(looks, self.rng)
-        elif self.wording is not None:
-            drawn = self.wording.draw(labels.numpy(), self.rng)
-        else:
-            drawn = [self.templates[t] for t in self.rng.integers(1, len(self.templates), n)]
-        return [self.templates[0] if b else t for b, t in zip(bare, drawn, strict=True)]
-
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """pixels (n, 3, S, S), token ids (n, L), positives (n, n): caption j describes image
         i when all words it names are words of image i's category."""
-        idx, windows, pixels = self.draw(n)
-        looks = self.look(idx, windows, pixels) if self.conditioned is not None else None
+        idx = torch.from_numpy(self.rng.integers(len(self.labels), size=n))
+        flip = torch.from_numpy(self.rng.random(n) < self.cfg.hflip)
+        frames = self.bank.frames[self.frame[idx]]  # (n, 3, C, C)
+        pixels = crop_resize(frames, self.regions(self.boxes[idx]), self.image_size, flip)
         labels = self.labels[idx]
         subjects = self.subjects(labels)
-        templates = self.templates_for(looks, labels)
-        captions = [t.format(subject) for t, subject in zip(templates, subjects, strict=True)]
+        bare = self.rng.random(n) < self.cfg.bare_name
+        picks = np.where(bare, 0, self.rng.integers(1, len(self.templates), size=n))  # (n,)
+        captions = [self.templates[t].format(subject)
+                    for t, subject in zip(picks, subjects, strict=True)]
         words = [set(self.bank.names[int(c)].split()) for c in labels]
         positives = torch.tensor([[set(subject.split()) <= image for subject in subjects]
                                   for image in words])  # (n, n)
-        if self.conditioned is not None and looks is not None:
-            claims = [TEMPLATE_CONDITION.get(t) for t in templates]
-            met = [set(m) for m in self.conditioned.conditions(looks)]
-            honest = torch.tensor([[c is None or c in m for c in claims] for m in met])  # (n, n)
-            positives &= honest
         return pixels, self.tokenizer(captions), positives
 
 

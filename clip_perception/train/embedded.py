@@ -121,18 +121,9 @@ def _clip_table(e: ClipEvaluation) -> str:
     v = e.variance
     return ("| prompts | top-1 all | seen | unseen |\n|---|---|---|---|\n" + rows + "\n\n"
             f"Text embeddings of every {v.templates} template x category: the template explains "
-            f"{v.template:.1%} of their variance, the category {v.category:.1%}, the "
-            f"interaction {v.interaction:.1%}; only the interaction lets ensembling change a "
+            f"{v.template:.2%} of their variance, the category {v.category:.2%}, the "
+            f"interaction {v.interaction:.2%}; only the interaction lets ensembling change a "
             "prediction (`evaluate.PromptVariance`).")
-
-
-_CAPTIONS = {
-    "uniform": "Captions: a random CLIP prompt template per crop, whatever the crop shows.",
-    "conditioned": ("Captions: a CLIP prompt template naming a condition the crop meets "
-                    "(dark, bright, blurry, hard to see, small, large, close-up; "
-                    "`clip_perception.train.captions`), so that prompt ensembling has "
-                    "something to average."),
-}
 
 
 def _clip_card(f: _Facts, e: ClipEvaluation) -> str:
@@ -142,7 +133,7 @@ def _clip_card(f: _Facts, e: ClipEvaluation) -> str:
 A small CLIP (ViT image tower, causal text tower, CLIPModel layout) trained from scratch by
 contrastive pre-training on object crops of synthetic scenes. Stage 1 of the embedded default
 models; its towers initialise `synthetic-owl`. It only knows coloured shapes: a working demo
-and test model, not a general classifier. {_CAPTIONS[f.recipe.clip.captions]}
+and test model, not a general classifier.
 
 - Input {f.recipe.shape.clip_image_size}x{f.recipe.shape.clip_image_size}, patch
   {f.recipe.shape.patch_size}; weights stored as {f.recipe.save_dtype}

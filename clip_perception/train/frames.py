@@ -75,11 +75,6 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels / 255.0 - _MEAN) / _STD
 
 
-def denormalize(pixels: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`normalize`, to 0..1: (B, 3, S, S) -> (B, 3, S, S)."""
-    return pixels * _STD + _MEAN
-
-
 def crop_resize(frames: torch.Tensor, regions: torch.Tensor, size: int,
                 flip: torch.Tensor) -> torch.Tensor:
     """Crop ``regions`` (B, 4) xyxy in [0, 1] of uint8 ``frames`` (B, 3, C, C), resize each to

@@ -79,15 +79,8 @@ class ClipRecipe:
     context: tuple[float, float] = (1.5, 5.0)
     center_jitter: float = 0.15  # max shift of the crop centre, in object sides
     hflip: float = 0.5
-    templates: str = "clip80"  # captions: a template of this set per crop, or ...
+    templates: str = "clip80"  # captions: a random template of this set per crop, or ...
     bare_name: float = 0.3  # ... with this probability the bare name, as detection queries are
-    # How a caption's template is chosen: "uniform", any template whatever the crop (the
-    # first synthetic-clip), or "conditioned", one naming a condition the crop meets (dark,
-    # small, blurry, close-up ...; train/captions.py), which only the clip80 set supports.
-    captions: str = "uniform"
-    condition_tail: float = 0.2  # conditioned: fraction of crops at each end that meet one
-    style_captions: float = 0.2  # conditioned: probability of a style template ("a tattoo of")
-    wording_spread: float = 1.0  # subject: std of the per-(template, word) log-weights
     # Probability that a caption names one word of a multi-word category only ("red" or
     # "triangle" for "red triangle"; positive for every crop with that word). For
     # attribute-noun names like the synthetic ones: it makes both towers represent colour and
