@@ -239,6 +239,16 @@ def test_embedded_build_writes_cards_and_its_recipe(tmp_path: pathlib.Path) -> N
     assert len(last.losses) == 2 and last.recipe["seed"] == 9
     assert last.recipe["owl"]["optim"]["lr"] == 1e-4 and last.recipe["owl"]["rounds"] == []
     assert pathlib.Path(last.init).name == "owl-0"
+    # One command builds what the separate stage commands build, bit for bit.
+    data, manual = tmp_path / "data", tmp_path / "manual"
+    write_synthetic_coco(data, 12, (128, 96), seed=5, split="train")
+    clip_dir = train_clip(recipe, data, manual / "clip")
+    stage2 = train_owl(recipe, data, clip_dir, manual / "owl")
+    final = train_owl(recipe.for_round(recipe.owl.rounds[0]), data, stage2, manual / "round1")
+    for built, by_hand in ((tmp_path / "synthetic-clip", clip_dir),
+                           (tmp_path / "synthetic-owl", final)):
+        assert (built / "model.safetensors").read_bytes() == (
+            by_hand / "model.safetensors").read_bytes(), built.name
 
 
 # ------------------------------------------------------------------ shipped models
