@@ -3,6 +3,7 @@ stages, and the shipped embedded checkpoints against transformers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -238,12 +239,14 @@ def test_embedded_build_writes_cards_and_its_recipe(tmp_path: pathlib.Path) -> N
     last = read_summary(tmp_path / "synthetic-owl")
     assert len(last.losses) == 2 and last.recipe["seed"] == 9
     assert last.recipe["owl"]["optim"]["lr"] == 1e-4 and last.recipe["owl"]["rounds"] == []
-    assert pathlib.Path(last.init).name == "owl-0"
+    assert last.init == str(tmp_path / "synthetic-clip")
+    assert [(r["steps"], r["seed"]) for r in last.earlier_runs] == [(3, 5)]
     # One command builds what the separate stage commands build, bit for bit.
     data, manual = tmp_path / "data", tmp_path / "manual"
     write_synthetic_coco(data, 12, (128, 96), seed=5, split="train")
     clip_dir = train_clip(recipe, data, manual / "clip")
-    stage2 = train_owl(recipe, data, clip_dir, manual / "owl")
+    one_run = dataclasses.replace(recipe, owl=dataclasses.replace(recipe.owl, rounds=()))
+    stage2 = train_owl(one_run, data, clip_dir, manual / "owl")
     final = train_owl(recipe.for_round(recipe.owl.rounds[0]), data, stage2, manual / "round1")
     for built, by_hand in ((tmp_path / "synthetic-clip", clip_dir),
                            (tmp_path / "synthetic-owl", final)):

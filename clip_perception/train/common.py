@@ -123,6 +123,9 @@ class TrainingSummary:
     seconds: float
     losses: list[dict[str, float]]  # per step
     recipe: dict[str, Any]
+    # Runs of this stage before the one above (``OwlRecipe.rounds``), first to last: each
+    # with its steps, seconds, seed and lr.
+    earlier_runs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def write(self, folder: Path) -> None:
         data = dataclasses.asdict(self)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -49,17 +48,12 @@ def build_embedded_models(out_root: str | Path = "models", seed: int = 0,
         write_synthetic_coco(Path(tmp) / "test", recipe.data.test_images, size, seed, "test")
         data_seconds = time.perf_counter() - tic
         clip_dir = train_clip(recipe, Path(tmp) / "train", root / CLIP_NAME)
-        owl_runs = [train_owl(recipe, Path(tmp) / "train", clip_dir, Path(tmp) / "owl-0")]
-        for k, owl_round in enumerate(recipe.owl.rounds, start=1):
-            owl_runs.append(train_owl(recipe.for_round(owl_round), Path(tmp) / "train",
-                                      owl_runs[-1], Path(tmp) / f"owl-{k}"))
-        owl_dir = root / OWL_NAME
-        shutil.rmtree(owl_dir, ignore_errors=True)
-        shutil.copytree(owl_runs[-1], owl_dir)
-        owl_seconds = [read_summary(run).seconds for run in owl_runs]
+        owl_dir = train_owl(recipe, Path(tmp) / "train", clip_dir, root / OWL_NAME)
         clip_eval = evaluate_clip(clip_dir, Path(tmp) / "test")
         owl_eval = evaluate_owl(owl_dir, Path(tmp) / "test")
-    facts = _Facts(recipe, data_seconds, read_summary(clip_dir).seconds, owl_seconds)
+    owl = read_summary(owl_dir)
+    facts = _Facts(recipe, data_seconds, read_summary(clip_dir).seconds,
+                   [*(run["seconds"] for run in owl.earlier_runs), owl.seconds])
     for folder in (clip_dir, owl_dir):  # the card's reproduce command reads it
         recipe.to_json(folder / "recipe.json")
     (clip_dir / "MODEL_CARD.md").write_text(_clip_card(facts, clip_eval), encoding="utf-8")

@@ -19,7 +19,10 @@ The text tower is frozen by default (``OwlRecipe.text_lr_scale``).
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +38,7 @@ from clip_perception.train.common import (
     make_optimizer,
     owl_config_from,
     preprocessor_for,
+    read_summary,
     run_steps,
     save_checkpoint,
     training_session,
@@ -132,8 +136,27 @@ def train_owl(
     recipe: Recipe, data_dir: str | Path, clip_dir_or_owl_dir: str | Path, out_dir: str | Path,
 ) -> Path:
     """Train an OWL detector on a COCO dataset, starting from a CLIP checkpoint (new heads) or
-    an OWL checkpoint (fine-tuning); writes the checkpoint folder ``out_dir`` and returns it."""
-    src, out = Path(clip_dir_or_owl_dir), Path(out_dir)
+    an OWL checkpoint (fine-tuning), then run each of ``recipe.owl.rounds`` from the previous
+    run's weights; writes the last run's checkpoint folder ``out_dir`` and returns it. Its
+    training summary lists the earlier runs; the runs before the last live in a temporary
+    folder."""
+    runs = [dataclasses.replace(recipe, owl=dataclasses.replace(recipe.owl, rounds=())),
+            *(recipe.for_round(r) for r in recipe.owl.rounds)]
+    src, earlier = Path(clip_dir_or_owl_dir), []
+    with tempfile.TemporaryDirectory(prefix="owl_rounds_") as tmp:
+        start = src
+        for k, run in enumerate(runs[:-1]):
+            start = _train_once(run, data_dir, start, Path(tmp) / f"run-{k}", src, [])
+            done = read_summary(start)
+            earlier.append({"steps": done.steps, "seconds": done.seconds, "seed": run.seed,
+                            "lr": run.owl.optim.lr})
+        return _train_once(runs[-1], data_dir, start, Path(out_dir), src, earlier)
+
+
+def _train_once(recipe: Recipe, data_dir: str | Path, src: Path, out: Path, origin: Path,
+                earlier: list[dict[str, Any]]) -> Path:
+    """One stage-2 schedule from checkpoint ``src``; the summary names ``origin``, where the
+    chain of runs began, and the ``earlier`` runs."""
     cfg = recipe.owl
     with training_session(recipe.seed, recipe.num_threads) as rng:
         owl, tokenizer, pad = _start(src, recipe)
@@ -173,8 +196,8 @@ def train_owl(
     preprocessor = preprocessor_for(None if read_config(src).family == "clip" else src,
                                     "owlvit", size)
     save_checkpoint(owl, out, recipe.save_dtype, src, preprocessor)
-    TrainingSummary("owl", str(src), str(data_dir), cfg.optim.steps, seconds, log,
-                    recipe.to_dict()).write(out)
+    TrainingSummary("owl", str(origin), str(data_dir), cfg.optim.steps, seconds, log,
+                    recipe.to_dict(), earlier).write(out)
     return out
 
 
