@@ -23,15 +23,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_iou
 
-from clip_perception.classifier import load_classifier
+from clip_perception.classifier import ZeroShotClassifier, load_classifier
 from clip_perception.detections import Detections
 from clip_perception.detector import load_detector
-from clip_perception.model import load_clip, load_tokenizer
 from clip_perception.train.coco import CocoDataset, load_coco
 from clip_perception.vocabulary import Templates, resolve_templates
 
@@ -238,21 +236,24 @@ def evaluate_clip(
             results.append(ZeroShotAccuracy(
                 name, float(correct.mean()), float(correct[~is_unseen].mean()),
                 float(correct[is_unseen].mean()) if is_unseen.any() else None))
+        variance = prompt_variance(classifier, dataset.categories)
     finally:
         classifier.close()
-    variance = prompt_variance(model_dir, dataset.categories)
     return ClipEvaluation(str(model_dir), str(data_dir), len(crops), results, variance)
 
 
-@torch.no_grad()
-def prompt_variance(model_dir: str | Path, names: Sequence[str], templates: str = "clip80"
+def prompt_variance(classifier: ZeroShotClassifier, names: Sequence[str], templates: str = "clip80"
                     ) -> PromptVariance:
-    """The ``PromptVariance`` of a CLIP checkpoint's text tower over ``templates`` x ``names``,
-    on unit-length embeddings as the classifier uses them."""
-    model, tokenize = load_clip(model_dir), load_tokenizer(model_dir)
-    prompts = resolve_templates(templates)
-    rows = [F.normalize(model.encode_text(tokenize([t.format(n) for n in names])).float(), dim=-1)
-            for t in prompts]
+    """The ``PromptVariance`` of the classifier's text tower over ``templates`` x ``names``:
+    one template at a time as its labels, so the embeddings are the ones it classifies with
+    (its prompt cache answers when the same set was just used). Leaves the last template's
+    labels set."""
+    rows = []
+    for template in resolve_templates(templates):
+        classifier.set_labels(names, templates=[template])
+        vocabulary = classifier.vocabulary
+        assert vocabulary is not None, "set_labels succeeded"
+        rows.append(vocabulary.embeddings.float().cpu())  # (K, D), unit length
     return PromptVariance(templates, *variance_shares(torch.stack(rows)))  # (T, K, D)
 
 
