@@ -137,21 +137,36 @@ def _grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou: float) -> T
         return torch.empty(0, dtype=torch.long, device=boxes.device)
     boxes, scores = boxes.double(), scores.double()
     if boxes.is_cuda and boxes.shape[0] > _CUDA_BATCHED_NMS_MAX_BOXES:
-        counts = torch.bincount(groups)  # (max group + 1,)
-        sizes = counts[counts > 0]  # (G,) in ascending group order; one synchronisation
-        if len(sizes) * int(sizes.max()) ** 2 <= _PADDED_NMS_MAX_PAIRS:
-            return padded_group_nms(boxes, scores, groups, iou, sizes)
+        counted = GroupSizes.count(groups)  # the two synchronisations of this path
+        if len(counted.sizes) * counted.widest ** 2 <= _PADDED_NMS_MAX_PAIRS:
+            return padded_group_nms(boxes, scores, groups, iou, counted)
     return batched_nms(boxes, scores, groups, iou)
 
 
+@dataclass(frozen=True)
+class GroupSizes:
+    """Boxes per occupied group, in ascending group order, and the largest count."""
+
+    sizes: Tensor  # (G,) on the boxes' device
+    widest: int
+
+    @classmethod
+    def count(cls, groups: Tensor) -> GroupSizes:
+        """From group ids (C,): reads the mask's size and the width back to the host."""
+        counts = torch.bincount(groups)  # (max group + 1,)
+        sizes = counts[counts > 0]  # (G,)
+        return cls(sizes, int(sizes.max()))
+
+
 def padded_group_nms(
-    boxes: Tensor, scores: Tensor, groups: Tensor, iou: float, sizes: Tensor | None = None
+    boxes: Tensor, scores: Tensor, groups: Tensor, iou: float,
+    counted: GroupSizes | None = None,
 ) -> Tensor:
     """Greedy NMS within groups, vectorised across groups; the result of ``batched_nms``.
 
-    boxes (C, 4) xyxy, scores (C,), groups (C,) int; sizes (G,): boxes per occupied group in
-    ascending group order, if the caller has counted them. Returns kept indices (K,) by
-    descending score. Each group's boxes, best first, fill one row of a (G, W, 4) tensor, so
+    boxes (C, 4) xyxy, scores (C,), groups (C,) non-negative int; ``counted``: the groups'
+    sizes, if the caller has them (else counted here). Returns kept indices (K,) by descending
+    score. Each group's boxes, best first, fill one row of a (G, W, 4) tensor, so
     IoUs are computed within groups only (G x W x W, not C x C). Greedy NMS keeps box i iff no
     kept box ranked above i in its group overlaps it by IoU > ``iou``; that rule, applied to the
     whole keep mask at once and repeated until nothing changes, settles rank by rank and stops
@@ -160,13 +175,12 @@ def padded_group_nms(
     count = boxes.shape[0]
     order = torch.argsort(scores, descending=True, stable=True)  # (C,) best first ...
     order = order[torch.argsort(groups[order], stable=True)]  # (C,) ... within each group
-    if sizes is None:
-        _, sizes = torch.unique_consecutive(groups[order], return_counts=True)  # (G,)
+    counted = counted or GroupSizes.count(groups)
+    sizes, width = counted.sizes, counted.widest
     row = torch.repeat_interleave(
         torch.arange(len(sizes), device=boxes.device), sizes, output_size=count
     )  # (C,) group row of each sorted box
     column = torch.arange(count, device=boxes.device) - (torch.cumsum(sizes, 0) - sizes)[row]
-    width = int(sizes.max())
     padded = boxes.new_zeros((len(sizes), width, 4))  # (G, W, 4)
     padded[row, column] = boxes[order]
     valid = torch.zeros((len(sizes), width), dtype=torch.bool, device=boxes.device)  # (G, W)

@@ -7,6 +7,7 @@ import torch
 from torchvision.ops import batched_nms
 
 from clip_perception.postprocess import (
+    GroupSizes,
     PatchScores,
     best_query_per_patch,
     padded_group_nms,
@@ -118,6 +119,5 @@ def test_padded_group_nms_is_batched_nms(seed: int, iou: float) -> None:
         groups = torch.randint(0, num_groups, (count,), generator=gen)
         expected = batched_nms(boxes, scores, groups, iou)
         assert torch.equal(padded_group_nms(boxes, scores, groups, iou), expected)
-        counts = torch.bincount(groups)  # the caller's count, as _grouped_nms passes it
-        sizes = counts[counts > 0]
-        assert torch.equal(padded_group_nms(boxes, scores, groups, iou, sizes), expected)
+        counted = GroupSizes.count(groups)  # the caller's count, as _grouped_nms passes it
+        assert torch.equal(padded_group_nms(boxes, scores, groups, iou, counted), expected)
